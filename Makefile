@@ -1,0 +1,20 @@
+# Two commands: `make demo` runs the main job, `make test` the whole test suite. Both create or reuse .venv.
+.PHONY: demo test test-fast setup clean
+
+demo:
+	@scripts/setup.sh base
+	@scripts/demo.sh
+
+test:
+	@scripts/setup.sh test
+	.venv/bin/python -m pytest -q --timeout=1200 $(PYTEST_ARGS)
+
+test-fast:
+	@scripts/setup.sh test
+	.venv/bin/python -m pytest -q -m "not slow" --timeout=600 $(PYTEST_ARGS)
+
+setup:
+	@scripts/setup.sh test
+
+clean:
+	rm -rf .venv runs .pytest_cache

@@ -1,0 +1,123 @@
+"""Atomic files, safetensors weights, resume state and provenance for stage directories.
+
+A stage directory holds `config.json` (the resolved config), `model.safetensors` (EMA weights where there is EMA),
+`metrics.json` (summary), `metrics.jsonl` (the log) and `state.pt` (optimizer, step, RNG: plain containers of
+tensors, loadable with `torch.load(weights_only=True)`). Every write goes to a temporary file in the same folder,
+is fsynced, then renamed over the target, so an interrupted write leaves the previous file intact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors.torch import load_file, save_file
+
+import ldmkit
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success fsync it and rename it over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: is this a stage directory written by `ldmkit train`?")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); restore it or retrain the stage") from None
+
+
+def save_safetensors(state_dict: dict[str, torch.Tensor], path: str | os.PathLike,
+                     metadata: dict[str, str] | None = None) -> None:
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+
+
+def load_safetensors(path: str | os.PathLike, device: str = "cpu") -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"weights file {path} not found")
+    try:
+        return load_file(str(path), device=device)
+    except Exception as e:  # safetensors raises its own error types
+        raise ValueError(f"{path} is not a readable safetensors file ({e}); re-export or retrain it") from None
+
+
+def save_state(obj: dict, path: str | os.PathLike) -> None:
+    """Save resume state (plain dicts/lists/tensors/numbers only) atomically."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def load_state(path: str | os.PathLike) -> dict:
+    """Load resume state with `weights_only=True`: no arbitrary objects are ever unpickled."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: nothing to resume (drop --resume to start fresh)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path} could not be loaded as plain resume state ({e})") from None
+
+
+def file_hash(path: str | os.PathLike, n: int = 16) -> str:
+    """sha256 of a file's bytes, first `n` hex digits."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:n]
+
+
+def git_commit() -> str | None:
+    try:
+        root = Path(__file__).resolve().parents[2]
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
+                             capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def provenance(**extra: Any) -> dict:
+    """Who made a file: ldmkit version, git commit, torch version, plus anything given (data, seed...)."""
+    return {"ldmkit": ldmkit.__version__, "git_commit": git_commit(), "torch": torch.__version__, **extra}

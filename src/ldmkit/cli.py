@@ -1,0 +1,59 @@
+"""The `ldmkit` command: a table of subcommands, each a `main(argv)` function imported only when used."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# command words -> ("module:function", one-line help)
+COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
+    ("data", "preview"): ("ldmkit.data.preview:main", "write a labelled grid of a dataset's images and captions"),
+    ("train", "autoencoder"): ("ldmkit.train.autoencoder:main", "train the KL autoencoder (L1/L2 + KL + LPIPS + GAN)"),
+    ("train", "eval-classifier"): ("ldmkit.train.eval_classifier:main",
+                                   "train the frozen Fashion-MNIST evaluation classifier"),
+    ("train", "clip"): ("ldmkit.train.clip:main", "train CLIP (text transformer + ViT, contrastive loss)"),
+    ("train", "ldm"): ("ldmkit.train.ldm:main", "train the latent denoiser (UNet or DiT) on cached latents"),
+    ("train", "classifier"): ("ldmkit.train.classifier:main",
+                              "train the noise-aware latent classifier for classifier guidance"),
+    ("train", "pipeline"): ("ldmkit.train.pipeline:main", "train every stage of a text-to-image pipeline in order"),
+    ("autoencoder", "eval"): ("ldmkit.eval.autoencoder_eval:main",
+                              "PSNR/SSIM/LPIPS, latent statistics and a reconstruction grid"),
+    ("clip", "eval"): ("ldmkit.eval.clip_cli:eval_main", "zero-shot accuracy and retrieval recall of a CLIP stage"),
+    ("clip", "embed"): ("ldmkit.eval.clip_cli:embed_main", "print CLIP text embeddings of prompts"),
+    ("clip", "score"): ("ldmkit.eval.clip_cli:score_main", "CLIP score of an npz of generated images"),
+    ("eval",): ("ldmkit.eval.score:main", "score an npz of images with the evaluation classifier (acc, FD, P/R)"),
+    ("sample",): ("ldmkit.sample:main", "generate images from prompts with a pipeline directory"),
+}
+
+
+def _usage() -> str:
+    width = max(len(" ".join(k)) for k in COMMANDS) + 2
+    lines = ["usage: ldmkit COMMAND [args]   (ldmkit COMMAND --help for a command's options)", "", "commands:"]
+    lines += [f"  {' '.join(words):<{width}}{help_}" for words, (_, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    if argv[0] == "--version":
+        from ldmkit import __version__
+        print(f"ldmkit {__version__}")
+        return 0
+    for n in (2, 1):
+        key = tuple(argv[:n])
+        if key in COMMANDS:
+            target, _ = COMMANDS[key]
+            module, func = target.split(":")
+            fn = getattr(importlib.import_module(module), func)
+            return int(fn(argv[n:]) or 0)
+    known = sorted({" ".join(k) for k in COMMANDS if k[0] == argv[0]})
+    hint = f"; did you mean one of: {', '.join(known)}" if known else "; run `ldmkit --help` for the list"
+    print(f"ldmkit: unknown command {' '.join(argv[:2])!r}{hint}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

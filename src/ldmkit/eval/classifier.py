@@ -1,0 +1,261 @@
+"""The evaluation classifier: a small Fashion-MNIST CNN whose features replace Inception for FD and precision/recall.
+
+Why no FID. FID (Heusel et al. 2017) is the Frechet distance between Inception-v3 pool features of real and
+generated images. Those weights are a download, and this project never downloads weights; Inception was also
+trained on ImageNet photographs and says little about 28x28 grey clothing. Instead we train our own classifier
+on the Fashion-MNIST training set (a few minutes on a CPU) and measure distances in its penultimate feature space
+(the global-average-pooled last conv stage, `EvalClassifier.features`):
+
+- accuracy: how often the classifier agrees with the label a generated image was prompted with;
+- fd: the Frechet distance between Gaussians fitted to the features of generated and real test images;
+- precision / recall: the k-NN manifold estimate of Kynkaanniemi et al. 2019 in the same space.
+
+These numbers are NOT FID and are not comparable with published FIDs, nor across different classifier weights:
+retraining the classifier (another seed, recipe or dataset) changes the feature space and so every FD. They are
+comparable between runs scored by the same classifier weights, so the evaluation records the hash of the weights
+file next to every score. Because FD and precision/recall are biased by the sample count, `score_images` reports
+beside each number its "floor": the value reached by the same number of REAL training images, which is what a
+perfect generator would score. The accuracy floor is the classifier's accuracy on real held-out test images
+(its training images would overstate it).
+
+Preprocessing lives in the model: pass uint8 images in [0, 255], (N, 28, 28, 1), (N, 1, 28, 28) or (N, 28, 28),
+or float images already scaled to [0, 1].
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ldmkit.eval.metrics import frechet_distance, precision_recall
+
+
+@dataclass(frozen=True)
+class EvalClassifierConfig:
+    image_size: int = 28  # input height and width (Fashion-MNIST native size)
+    in_channels: int = 1  # grey images
+    num_classes: int = 10  # Fashion-MNIST classes
+    widths: tuple[int, ...] = (32, 64, 128)  # channels per stage; every stage but the last ends in a 2x2 max-pool
+    convs_per_stage: int = 2  # 3x3 conv-BN-ReLU layers per stage
+    dropout: float = 0.3  # dropout before the linear head (features are taken before it)
+    pixel_mean: float = 0.2860  # Fashion-MNIST training-set mean of x / 255
+    pixel_std: float = 0.3530  # Fashion-MNIST training-set std of x / 255
+
+
+PRESETS = {
+    "tiny": EvalClassifierConfig(widths=(8, 16), convs_per_stage=1),
+    "fashion": EvalClassifierConfig(),
+}
+
+
+def conv_bn_relu(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+
+
+class EvalClassifier(nn.Module):
+    """conv-BN-ReLU stages with max-pooling, global average pooling, dropout and a linear head."""
+
+    def __init__(self, config: EvalClassifierConfig):
+        super().__init__()
+        self.config = config
+        layers, c = [], config.in_channels
+        for i, w in enumerate(config.widths):
+            for _ in range(config.convs_per_stage):
+                layers.append(conv_bn_relu(c, w))
+                c = w
+            if i < len(config.widths) - 1:
+                layers.append(nn.MaxPool2d(2))
+        self.body = nn.Sequential(*layers)
+        self.dropout = nn.Dropout(config.dropout)
+        self.head = nn.Linear(c, config.num_classes)
+        self.feature_dim = c
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.normal_(self.head.weight, std=0.01)
+        nn.init.zeros_(self.head.bias)
+
+    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 [0, 255] or float [0, 1] images in NHWC, NCHW or NHW -> normalised float (N, C, H, W)."""
+        cfg, s = self.config, self.config.image_size
+        if x.ndim == 3:
+            x = x[:, None]
+        elif x.ndim == 4 and x.shape[1:] == (s, s, cfg.in_channels):
+            x = x.permute(0, 3, 1, 2)
+        if x.ndim != 4 or x.shape[1:] != (cfg.in_channels, s, s):
+            raise ValueError(f"expected images (N, {s}, {s}, {cfg.in_channels}), (N, {cfg.in_channels}, {s}, {s}) "
+                             f"or (N, {s}, {s}), got {tuple(x.shape)}; crop 32x32 dataset images with dataset.crop")
+        if x.dtype == torch.uint8:
+            x = x.float() / 255.0
+        elif x.is_floating_point():
+            lo, hi = x.min().item(), x.max().item()
+            if lo < -1e-3 or hi > 1 + 1e-3:
+                raise ValueError(f"float images must lie in [0, 1], got range [{lo:.3f}, {hi:.3f}]; "
+                                 "map [-1, 1] images with (x + 1) / 2 or pass uint8")
+            x = x.float()
+        else:
+            raise ValueError(f"images must be uint8 or float, got dtype {x.dtype}")
+        return (x - cfg.pixel_mean) / cfg.pixel_std  # (N, C, H, W)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Penultimate features (N, F): global average pool of the last stage, before dropout and the head."""
+        h = self.body(self.preprocess(x))  # (N, F, h, w)
+        return h.mean(dim=(2, 3))  # (N, F)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dropout(self.features(x)))  # (N, num_classes) logits
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training
+
+
+def augment(x: torch.Tensor, gen: torch.Generator, max_shift: int = 2) -> torch.Tensor:
+    """Random horizontal flips and integer shifts (zero fill) of uint8 NCHW images; one draw per image."""
+    n, _, h, w = x.shape
+    flip = torch.rand(n, generator=gen) < 0.5
+    x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    p = max_shift
+    xp = F.pad(x, (p, p, p, p))  # (N, C, H + 2p, W + 2p)
+    oy = torch.randint(0, 2 * p + 1, (n,), generator=gen)
+    ox = torch.randint(0, 2 * p + 1, (n,), generator=gen)
+    rows = (oy[:, None] + torch.arange(h))[:, None, :, None]  # (N, 1, H, 1)
+    cols = (ox[:, None] + torch.arange(w))[:, None, None, :]  # (N, 1, 1, W)
+    return xp[torch.arange(n)[:, None, None, None], torch.arange(x.shape[1])[None, :, None, None], rows, cols]
+
+
+def _to_nchw_uint8(images, name: str) -> torch.Tensor:
+    x = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
+    if x.dtype != torch.uint8:
+        raise ValueError(f"{name} must be uint8 images, got dtype {x.dtype}")
+    if x.ndim == 4 and x.shape[-1] == 1:
+        x = x.permute(0, 3, 1, 2)
+    elif x.ndim == 3:
+        x = x[:, None]
+    if x.ndim != 4 or x.shape[1] != 1:
+        raise ValueError(f"{name} must be (N, H, W, 1), (N, 1, H, W) or (N, H, W); got {tuple(x.shape)}")
+    return x.contiguous()
+
+
+def lr_schedule(step: int, steps: int, peak: float, warmup_frac: float = 0.1) -> float:
+    """One-cycle: linear warm-up to `peak` over the first 10% of steps, then cosine decay to 0."""
+    warm = max(1, int(warmup_frac * steps))
+    if step < warm:
+        return peak * (step + 1) / warm
+    return 0.5 * peak * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
+
+
+@torch.no_grad()
+def predict(model: EvalClassifier, images, batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits (N, K), features (N, F)) of uint8 images in eval mode, batched."""
+    was_training = model.training
+    model.eval()
+    x = torch.as_tensor(images) if not isinstance(images, torch.Tensor) else images
+    logits, feats = [], []
+    for i in range(0, x.shape[0], batch_size):
+        f = model.features(x[i:i + batch_size])
+        feats.append(f)
+        logits.append(model.head(f))
+    model.train(was_training)
+    return torch.cat(logits), torch.cat(feats)
+
+
+def train_eval_classifier(train_images, train_labels, test_images, test_labels, steps: int = 3000,
+                          batch_size: int = 128, seed: int = 0, progress: bool = True,
+                          config: EvalClassifierConfig | None = None, lr: float = 3e-3,
+                          weight_decay: float = 5e-4, label_smoothing: float = 0.1,
+                          augmentation: bool = True) -> tuple[EvalClassifier, float]:
+    """Train the evaluation classifier with AdamW and a one-cycle schedule; returns (model in eval mode, test acc).
+
+    Images are uint8 (N, 28, 28, 1); labels int (N,). Batches are drawn by seeded per-epoch permutations and
+    augmented with random flips and shifts of up to 2 pixels.
+    """
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    x, y = _to_nchw_uint8(train_images, "train_images"), torch.as_tensor(np.asarray(train_labels)).long()
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"train_images has {x.shape[0]} images but train_labels has {y.shape[0]} labels")
+    model = EvalClassifier(config or EvalClassifierConfig())
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+    model.train()
+    order, pos, t0 = torch.randperm(x.shape[0], generator=gen), 0, time.time()
+    for step in range(steps):
+        if pos + batch_size > order.numel():
+            order, pos = torch.randperm(x.shape[0], generator=gen), 0
+        idx = order[pos:pos + batch_size]
+        pos += batch_size
+        xb = augment(x[idx], gen) if augmentation else x[idx]
+        loss = F.cross_entropy(model(xb), y[idx], label_smoothing=label_smoothing)
+        for g in opt.param_groups:
+            g["lr"] = lr_schedule(step, steps, lr)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if progress and (step % 200 == 0 or step == steps - 1):
+            ms = 1000 * (time.time() - t0) / (step + 1)
+            print(f"step {step} | loss {loss.item():.4f} | lr {opt.param_groups[0]['lr']:.1e} | {ms:.0f} ms/step")
+    model.eval()
+    return model, accuracy(model, test_images, test_labels)
+
+
+def accuracy(model: EvalClassifier, images, labels, batch_size: int = 500) -> float:
+    """Fraction of images whose argmax class equals the label (labels int (N,))."""
+    logits, _ = predict(model, images, batch_size)
+    y = torch.as_tensor(np.asarray(labels)).long()
+    return (logits.argmax(1) == y).double().mean().item()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Scoring generated images
+
+
+def score_images(model: EvalClassifier, images, labels, real_test_images, real_train_images,
+                 batch_size: int = 500, real_test_labels=None, k: int = 3, seed: int = 0) -> dict:
+    """Score uint8 images against the real test set in the classifier's feature space, with real-data floors.
+
+    Returns a dict: n; accuracy (over images whose label >= 0, None when there are none or labels is None);
+    fd, precision, recall (k-NN, vs all real test images); fd_floor, precision_floor, recall_floor (the same for
+    n random real training images drawn with `seed`); accuracy_floor (accuracy on the real test images when
+    `real_test_labels` is given, else None); feature_dim.
+    """
+    n = len(images)
+    if n > len(real_train_images):
+        raise ValueError(f"{n} images to score but only {len(real_train_images)} real training images for the floor")
+    if n <= k:
+        raise ValueError(f"need more than k={k} images for precision/recall, got {n}")
+    logits, feats = predict(model, images, batch_size)
+    test_logits, test_feats = predict(model, real_test_images, batch_size)
+    pick = torch.randperm(len(real_train_images), generator=torch.Generator().manual_seed(seed))[:n]
+    _, floor_feats = predict(model, torch.as_tensor(np.asarray(real_train_images))[pick], batch_size)
+
+    out = {"n": n, "feature_dim": int(feats.shape[1]), "accuracy": None, "accuracy_floor": None}
+    if labels is not None:
+        y = torch.as_tensor(np.asarray(labels)).long()
+        if y.shape != (n,):
+            raise ValueError(f"labels must have shape ({n},), got {tuple(y.shape)}")
+        known = y >= 0
+        if known.any():
+            out["accuracy"] = (logits.argmax(1)[known] == y[known]).double().mean().item()
+    if real_test_labels is not None:
+        yt = torch.as_tensor(np.asarray(real_test_labels)).long()
+        out["accuracy_floor"] = (test_logits.argmax(1) == yt).double().mean().item()
+    out["fd"] = frechet_distance(feats, test_feats)
+    out["fd_floor"] = frechet_distance(floor_feats, test_feats)
+    out["precision"], out["recall"] = precision_recall(test_feats, feats, k)
+    out["precision_floor"], out["recall_floor"] = precision_recall(test_feats, floor_feats, k)
+    return out

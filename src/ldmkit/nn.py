@@ -1,0 +1,95 @@
+"""Small layers shared by every model: timestep embedding, attention, normalisation, initialisation helpers."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def zero_module(module: nn.Module) -> nn.Module:
+    """Zero every parameter of `module` in place and return it (residual branches start as the identity)."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+def mean_flat(x: torch.Tensor) -> torch.Tensor:
+    """Mean over every dimension but the first: (B, ...) -> (B,)."""
+    return x.flatten(1).mean(1)
+
+
+def sum_flat(x: torch.Tensor) -> torch.Tensor:
+    """Sum over every dimension but the first: (B, ...) -> (B,)."""
+    return x.flatten(1).sum(1)
+
+
+def group_norm(channels: int, groups: int = 32, eps: float = 1e-6) -> nn.GroupNorm:
+    """GroupNorm with the largest group count <= `groups` that divides `channels`."""
+    g = math.gcd(channels, groups)
+    return nn.GroupNorm(g, channels, eps=eps, affine=True)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of (possibly fractional) times: (B,) -> (B, dim), cos half then sin half."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]  # (B, half)
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+class TimestepMLP(nn.Module):
+    """Sinusoidal features followed by a two-layer MLP: (B,) -> (B, out_dim)."""
+
+    def __init__(self, freq_dim: int, out_dim: int):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, out_dim), nn.SiLU(), nn.Linear(out_dim, out_dim))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.mlp(timestep_embedding(t, self.freq_dim))
+
+
+class Attention(nn.Module):
+    """Multi-head attention over token sequences with `scaled_dot_product_attention`.
+
+    Self-attention when `context` is None, cross-attention otherwise. `mask` is a boolean (B, S) key mask,
+    True where a key may be attended to (padding is False).
+    """
+
+    def __init__(self, dim: int, heads: int, context_dim: int | None = None, bias: bool = True):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"attention width {dim} is not divisible by heads={heads}; pick heads that divide it")
+        self.heads = heads
+        self.q = nn.Linear(dim, dim, bias=bias)
+        self.kv = nn.Linear(context_dim or dim, 2 * dim, bias=bias)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, T, D = x.shape
+        ctx = x if context is None else context
+        q = self.q(x).view(B, T, self.heads, D // self.heads).transpose(1, 2)  # (B, H, T, d)
+        k, v = self.kv(ctx).view(B, ctx.shape[1], 2, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # (B, H, S, d)
+        attn_mask = None if mask is None else mask[:, None, None, :].to(torch.bool)  # (B, 1, 1, S)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, H, T, d)
+        return self.out(y.transpose(1, 2).reshape(B, T, D))
+
+
+def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    mask: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v written out, the reference the fused kernel is tested against."""
+    w = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    if mask is not None:
+        w = w.masked_fill(~mask, float("-inf"))
+    return w.softmax(-1) @ v
+
+
+def count_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,1 @@
+"""Training loops, one flat function per stage, built on `ldmkit.train.common`."""

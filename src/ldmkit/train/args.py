@@ -1,0 +1,43 @@
+"""Command-line options shared by every `ldmkit train STAGE` command."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Mapping, TypeVar
+
+from ldmkit.config import apply_overrides, preset
+
+T = TypeVar("T")
+
+
+def train_parser(prog: str, description: str, presets: Mapping[str, object], default_preset: str,
+                 data: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=description,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    if data:
+        p.add_argument("--data", default="auto",
+                       help="fashion-mnist | shapes | folder:PATH; auto = fashion-mnist if installed, else shapes")
+        p.add_argument("--data-dir", default=None, help="folder with the four Fashion-MNIST idx .gz files")
+        p.add_argument("--skip-bad", action="store_true", help="folder data: warn and skip unreadable files")
+    p.add_argument("--preset", default=default_preset, choices=sorted(presets), help="named configuration")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set train.lr=3e-4 (repeatable)")
+    p.add_argument("--out", required=True, help="stage directory to write (config, weights, metrics, state)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--init-from", default=None, metavar="DIR", help="start from the weights of another run")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
+    return p
+
+
+def resolve_config(args: argparse.Namespace, presets: Mapping[str, T]) -> T:
+    """The preset named by --preset with every --set override applied (type-checked)."""
+    return apply_overrides(preset(presets, args.preset), args.overrides)
+
+
+def resolve_data(spec: str) -> str:
+    """`auto` -> fashion-mnist when its files are installed, else the generated shapes dataset."""
+    if spec != "auto":
+        return spec
+    from pathlib import Path
+    from ldmkit.data import DEFAULT_FASHION_DIR  # noqa: WPS433 (lazy: data is optional for some stages)
+    return "fashion-mnist" if (Path(DEFAULT_FASHION_DIR) / "train-images-idx3-ubyte.gz").exists() else "shapes"

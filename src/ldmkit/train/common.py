@@ -1,0 +1,402 @@
+"""The training toolkit every stage's flat loop is written with.
+
+A stage loop reads top-down: `run = start_run(...)`, build models and optimizers, `start = run.restore(...)`,
+then `for step in run.steps(start, total)`: batch (`batch_indices`), `set_lr`, forward under `autocast`, backward,
+`clip_grad`, optimizer step, `ema_update`, `run.log`, `run.save` at intervals, and `run.finish` at the end.
+Nothing here owns the loop: no Trainer class, no callbacks.
+
+Distributed: started by `torchrun`, `start_run` joins the process group (gloo on CPU, NCCL on GPU), batches are
+split by rank from one global order, only rank 0 writes files, and logged scalars are averaged over ranks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Literal, Mapping
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ldmkit.checkpoint import (load_safetensors, load_state, provenance, read_json, save_safetensors, save_state,
+                               write_json)
+from ldmkit.config import to_dict
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 2000                        # optimizer steps in the whole run
+    batch_size: int = 64                     # global batch, split evenly over processes
+    lr: float = 2e-4                         # peak learning rate
+    weight_decay: float = 0.0                # AdamW decoupled weight decay
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
+    warmup_steps: int = 100                  # linear warmup from 0 to lr
+    min_lr_ratio: float = 0.1                # cosine decays to lr * min_lr_ratio at the last step
+    grad_clip: float = 1.0                   # max global grad norm; 0 disables clipping
+    ema_halflife_steps: float = 0.0          # EMA half-life in optimizer steps; 0 disables EMA
+    seed: int = 0                            # seeds init, data order and every random draw
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 = autocast where the device supports it
+    device: str = "auto"                     # auto | cpu | cuda | cuda:N | mps
+    log_every: int = 50                      # one log line (and a metrics.jsonl row) per this many steps
+    ckpt_every: int = 500                    # resume checkpoint interval (state.pt + model.safetensors)
+    sample_every: int = 0                    # image grid interval during training; 0 = only at the end
+    max_minutes: float = 0.0                 # wall-clock budget; the run saves and stops when it is spent; 0 = none
+    threads: int = 0                         # torch intra-op threads; 0 keeps torch's default
+    tensorboard: bool = False                # also log scalars to DIR/tb (needs the tensorboard package)
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss: the run stops and the last good checkpoint stays as it was."""
+
+
+# ----------------------------------------------------------------------------- devices, seeds, precision
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            local = int(os.environ.get("LOCAL_RANK", 0))
+            return torch.device("cuda", local)
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available; use --set train.device=cpu")
+    return dev
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast context where asked for (CPU and CUDA support it), otherwise a no-op."""
+    if precision == "fp32":
+        return nullcontext()
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    raise ValueError(f"unknown precision {precision!r}; use fp32 or bf16 (fp16 is very slow on CPU)")
+
+
+# ----------------------------------------------------------------------------- schedule, EMA, clipping
+
+def lr_at(step: int, tc: TrainConfig) -> float:
+    """Linear warmup to `lr`, then cosine decay to `lr * min_lr_ratio` at the last step."""
+    if step < tc.warmup_steps:
+        return tc.lr * (step + 1) / tc.warmup_steps
+    span = max(1, tc.steps - tc.warmup_steps)
+    progress = min(1.0, (step - tc.warmup_steps) / span)
+    floor = tc.lr * tc.min_lr_ratio
+    return floor + 0.5 * (tc.lr - floor) * (1 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def make_adamw(params, tc: TrainConfig) -> torch.optim.AdamW:
+    return torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
+
+
+def clip_grad(params, max_norm: float) -> float:
+    params = [p for p in params if p.grad is not None]
+    if max_norm <= 0:
+        return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))) if params else 0.0
+    return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, halflife_steps: float) -> None:
+    """ema <- lerp(ema, model, 1 - decay) with decay = 0.5 ** (1 / half-life); buffers are copied."""
+    if halflife_steps <= 0:
+        return
+    weight = 1.0 - 0.5 ** (1.0 / halflife_steps)
+    model = unwrap(model)
+    e_params = list(ema.parameters())
+    m_params = [p.detach() for p in model.parameters()]
+    torch._foreach_lerp_(e_params, m_params, weight)
+    for eb, mb in zip(ema.buffers(), model.buffers()):
+        eb.copy_(mb)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside DDP or torch.compile wrappers."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or getattr(model, "_orig_mod")
+    return model
+
+
+# ----------------------------------------------------------------------------- data order
+
+_perm_cache: dict[tuple[int, int, int], torch.Tensor] = {}
+
+
+def _epoch_perm(n: int, seed: int, epoch: int) -> torch.Tensor:
+    key = (n, seed, epoch)
+    if key not in _perm_cache:
+        if len(_perm_cache) > 4:
+            _perm_cache.clear()
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        _perm_cache[key] = torch.randperm(n, generator=g)
+    return _perm_cache[key]
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: int, rank: int = 0,
+                  world: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dataset indices, global sample indices) of this rank's share of global batch `step`.
+
+    The global order is a fresh seeded permutation per epoch, a pure function of (seed, step), so a resumed
+    or multi-process run sees exactly the examples an uninterrupted single-process run sees.
+    """
+    if batch_size % world:
+        raise ValueError(f"train.batch_size={batch_size} must be divisible by the {world} processes")
+    per = batch_size // world
+    g = torch.arange(step * batch_size + rank * per, step * batch_size + (rank + 1) * per)  # global sample ids
+    epochs, pos = g // n, g % n
+    idx = torch.empty_like(g)
+    for e in epochs.unique().tolist():
+        sel = epochs == e
+        idx[sel] = _epoch_perm(n, seed, e)[pos[sel]]
+    return idx, g
+
+
+def index_generator(seed: int, index: int) -> torch.Generator:
+    """A generator seeded by (seed, global index): draws that do not depend on batch layout."""
+    return torch.Generator().manual_seed((seed * 6364136223846793005 + index * 1442695040888963407) % (2**63))
+
+
+# ----------------------------------------------------------------------------- distributed
+
+def init_distributed() -> tuple[int, int]:
+    """Join the torchrun process group if there is one; returns (rank, world_size)."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    return model
+
+
+def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
+    if not (dist.is_initialized() and dist.get_world_size() > 1) or not values:
+        return values
+    t = torch.tensor(list(values.values()), dtype=torch.float64)
+    dist.all_reduce(t)
+    t /= dist.get_world_size()
+    return dict(zip(values, t.tolist()))
+
+
+# ----------------------------------------------------------------------------- the run directory
+
+class Run:
+    """Files and bookkeeping of one training run in `out_dir` (not a trainer: the stage owns its loop)."""
+
+    def __init__(self, out_dir: str | os.PathLike, cfg: Any, tc: TrainConfig, stage: str,
+                 data: str | None = None, resume: bool = False, init_from: str | None = None,
+                 progress: bool = True):
+        self.dir, self.cfg, self.tc, self.stage = Path(out_dir), cfg, tc, stage
+        self.resume, self.init_from = resume, init_from
+        self.rank, self.world = init_distributed()
+        self.is_main = self.rank == 0
+        self.device = resolve_device(tc.device)
+        if tc.threads > 0:
+            torch.set_num_threads(tc.threads)
+        self._progress = progress and self.is_main
+        self._check_dir()
+        self.info = {"stage": stage, "data": data, **provenance()}
+        if self.is_main:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            write_json(self.dir / "config.json", {"stage": stage, "data": data, **to_dict(cfg)})
+        self._acc: dict[str, list[float]] = {}
+        self._t_last = time.perf_counter()
+        self._step_last = None
+        self._t0 = time.perf_counter()
+        self._bar = None
+        self._tb = None
+        self.stopped_early = False
+        seed_everything(tc.seed)
+
+    def _check_dir(self) -> None:
+        state = self.dir / "state.pt"
+        if self.resume:
+            if not state.exists():
+                raise FileNotFoundError(f"--resume given but {state} does not exist; drop --resume to start fresh")
+            saved = read_json(self.dir / "config.json")
+            now = {"stage": self.stage, **to_dict(self.cfg)}
+            diff = [k for k in now if k != "data" and saved.get(k) != now[k]]
+            if diff:
+                raise ValueError(f"--resume: the config differs from {self.dir / 'config.json'} in {diff}; "
+                                 "resume with the same preset and --set overrides, or use --init-from")
+        elif state.exists():
+            raise FileExistsError(f"{self.dir} already holds a run (state.pt); pass --resume to continue it "
+                                  "or choose another --out")
+
+    # -- restore / save
+    def restore(self, modules: Mapping[str, nn.Module], optimizers: Mapping[str, torch.optim.Optimizer]) -> int:
+        """Load resume state (returns the step to continue from) or `--init-from` weights (returns 0)."""
+        if self.resume:
+            st = load_state(self.dir / "state.pt")
+            for name, m in modules.items():
+                unwrap(m).load_state_dict(st["modules"][name])
+            for name, o in optimizers.items():
+                o.load_state_dict(st["optimizers"][name])
+            torch.set_rng_state(st["rng"]["torch"])
+            random.setstate(_to_tuple(st["rng"]["python"]))
+            self._append_log_trim(st["step"])
+            return int(st["step"])
+        if self.init_from:
+            src = Path(self.init_from) / "model.safetensors"
+            weights = load_safetensors(src)
+            for name in ("model", "ema"):
+                if name in modules:
+                    missing, unexpected = unwrap(modules[name]).load_state_dict(weights, strict=False)
+                    if missing or unexpected:
+                        raise ValueError(f"--init-from {src}: weights do not fit this model (missing {missing[:4]},"
+                                         f" unexpected {unexpected[:4]}); use a run of the same preset")
+        return 0
+
+    def save(self, step: int, modules: Mapping[str, nn.Module], optimizers: Mapping[str, torch.optim.Optimizer],
+             export: Mapping[str, torch.Tensor]) -> None:
+        """Resume checkpoint at `step` (steps done so far): state.pt, then model.safetensors, both atomic."""
+        if not self.is_main:
+            return
+        state = {
+            "step": step,
+            "modules": {n: unwrap(m).state_dict() for n, m in modules.items()},
+            "optimizers": {n: o.state_dict() for n, o in optimizers.items()},
+            "rng": {"torch": torch.get_rng_state(), "python": _to_list(random.getstate())},
+        }
+        save_state(state, self.dir / "state.pt")
+        save_safetensors(dict(export), self.dir / "model.safetensors", {"stage": self.stage, "step": str(step)})
+
+    def finish(self, export: Mapping[str, torch.Tensor], metrics: Mapping[str, Any], step: int) -> dict:
+        """Final weights and the metrics.json summary (with provenance and wall time)."""
+        summary = {**self.info, "steps_done": step, "stopped_early": self.stopped_early,
+                   "wall_seconds": round(time.perf_counter() - self._t0, 1), **metrics}
+        if self.is_main:
+            save_safetensors(dict(export), self.dir / "model.safetensors", {"stage": self.stage, "step": str(step)})
+            write_json(self.dir / "metrics.json", summary)
+        if self._bar is not None:
+            self._bar.close()
+        return summary
+
+    # -- loop helpers
+    def steps(self, start: int, total: int) -> Iterator[int]:
+        """Step indices start..total-1 with a progress bar; stops early when `max_minutes` is spent."""
+        from tqdm.auto import tqdm
+        self._bar = tqdm(total=total, initial=start, desc=self.stage, disable=not self._progress,
+                         dynamic_ncols=True, file=sys.stderr)
+        budget = self.tc.max_minutes * 60
+        self._step_last = start
+        for step in range(start, total):
+            if budget and time.perf_counter() - self._t0 > budget:
+                self.stopped_early = True
+                self.print(f"time budget of {self.tc.max_minutes} min spent at step {step}; saving and stopping")
+                return
+            yield step
+            self._bar.update(1)
+
+    def log(self, step: int, **scalars: float) -> None:
+        """Record scalars for `step`; a non-finite loss stops the run; one line per `log_every` steps."""
+        for k, v in scalars.items():
+            v = float(v)
+            if not math.isfinite(v):
+                raise TrainingDiverged(f"{k} is {v} at step {step} of {self.stage}; stopping. The last good "
+                                       f"checkpoint in {self.dir} is intact (resume with --resume); lower "
+                                       "train.lr, keep train.grad_clip on, or try train.precision=fp32")
+            self._acc.setdefault(k, []).append(v)
+        if (step + 1) % self.tc.log_every == 0 or step + 1 == self.tc.steps:
+            self._flush(step)
+
+    def _flush(self, step: int) -> None:
+        means = all_reduce_mean({k: sum(v) / len(v) for k, v in self._acc.items()})
+        self._acc.clear()
+        now = time.perf_counter()
+        n = max(1, step + 1 - (self._step_last or 0))
+        ms = 1000 * (now - self._t_last) / n
+        self._t_last, self._step_last = now, step + 1
+        row = {"step": step + 1, **{k: round(v, 6) for k, v in means.items()}, "ms_per_step": round(ms, 1),
+               "img_per_s": round(self.tc.batch_size / max(ms, 1e-9) * 1000, 1)}
+        if not self.is_main:
+            return
+        with open(self.dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        parts = [f"step {step + 1}"] + [f"{k} {v:.4g}" for k, v in means.items()]
+        parts += [f"{ms:.0f} ms/step", f"{_human(row['img_per_s'])} img/s"]
+        self.print(" | ".join(parts))
+        if self._bar is not None:
+            self._bar.set_postfix({k: f"{v:.4g}" for k, v in list(means.items())[:3]})
+        if self.tc.tensorboard:
+            self._tb_log(step + 1, means)
+
+    def _tb_log(self, step: int, means: dict[str, float]) -> None:
+        if self._tb is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ImportError("train.tensorboard=true needs `pip install tensorboard`") from None
+            self._tb = SummaryWriter(str(self.dir / "tb"))
+        for k, v in means.items():
+            self._tb.add_scalar(f"{self.stage}/{k}", v, step)
+
+    def _append_log_trim(self, step: int) -> None:
+        """On resume, drop log rows past the checkpoint so metrics.jsonl reads like one uninterrupted run."""
+        path = self.dir / "metrics.jsonl"
+        if self.is_main and path.exists():
+            rows = [r for r in path.read_text().splitlines() if r.strip() and json.loads(r)["step"] <= step]
+            path.write_text("".join(r + "\n" for r in rows))
+
+    def print(self, msg: str) -> None:
+        if not self.is_main:
+            return
+        if self._bar is not None and self._progress:
+            self._bar.write(msg, file=sys.stderr)
+        else:
+            print(msg, file=sys.stderr, flush=True)
+
+    def should(self, every: int, step: int) -> bool:
+        return every > 0 and (step + 1) % every == 0
+
+
+def start_run(out_dir, cfg, tc: TrainConfig, stage: str, **kw) -> Run:
+    return Run(out_dir, cfg, tc, stage, **kw)
+
+
+def _to_list(x):
+    return [_to_list(v) for v in x] if isinstance(x, (tuple, list)) else x
+
+
+def _to_tuple(x):
+    return tuple(_to_tuple(v) for v in x) if isinstance(x, (tuple, list)) else x
+
+
+def _human(x: float) -> str:
+    return f"{x / 1000:.1f}k" if x >= 1000 else f"{x:.0f}"
+
+
+def replace(cfg, **kw):
+    return dataclasses.replace(cfg, **kw)

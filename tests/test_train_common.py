@@ -1,0 +1,130 @@
+"""The training toolkit: data order, schedules, EMA, exact resume, NaN stop, distributed-free defaults."""
+
+from dataclasses import dataclass, field, replace
+
+import pytest
+import torch
+from torch import nn
+
+from ldmkit.checkpoint import load_safetensors, load_state, read_json
+from ldmkit.train import common
+from ldmkit.train.common import TrainConfig, TrainingDiverged
+
+
+@dataclass(frozen=True)
+class ToyConfig:
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        steps=24, batch_size=8, lr=1e-2, warmup_steps=4, ckpt_every=6, log_every=3, ema_halflife_steps=2.0))
+    width: int = 16
+
+
+class Stop(Exception):
+    pass
+
+
+def toy_train(out, cfg=ToyConfig(), resume=False, stop_after=None, poison_at=None):
+    """A miniature stage loop written the way every ldmkit stage is (dropout makes it consume RNG)."""
+    tc = cfg.train
+    run = common.start_run(out, cfg, tc, "toy", data="synthetic", resume=resume, progress=False)
+    x = torch.linspace(-1, 1, 40)[:, None]
+    y = torch.sin(3 * x)
+    model = nn.Sequential(nn.Linear(1, cfg.width), nn.Tanh(), nn.Dropout(0.2), nn.Linear(cfg.width, 1))
+    ema = nn.Sequential(nn.Linear(1, cfg.width), nn.Tanh(), nn.Dropout(0.2), nn.Linear(cfg.width, 1))
+    ema.load_state_dict(model.state_dict())
+    opt = common.make_adamw(model.parameters(), tc)
+    start = run.restore({"model": model, "ema": ema}, {"opt": opt})
+    step = start
+    for step in run.steps(start, tc.steps):
+        idx, _ = common.batch_indices(len(x), tc.batch_size, step, tc.seed)
+        common.set_lr(opt, common.lr_at(step, tc))
+        loss = ((model(x[idx]) - y[idx]) ** 2).mean()
+        if poison_at is not None and step == poison_at:
+            loss = loss * float("nan")
+        loss.backward()
+        common.clip_grad(model.parameters(), tc.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        common.ema_update(ema, model, tc.ema_halflife_steps)
+        run.log(step, loss=loss.item())
+        if run.should(tc.ckpt_every, step):
+            run.save(step + 1, {"model": model, "ema": ema}, {"opt": opt}, ema.state_dict())
+            if stop_after is not None and step + 1 >= stop_after:
+                raise Stop
+        step += 1
+    run.finish(ema.state_dict(), {"final_loss": loss.item()}, tc.steps)
+    return model, ema
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    full_model, full_ema = toy_train(tmp_path / "a")
+    with pytest.raises(Stop):
+        toy_train(tmp_path / "b", stop_after=12)
+    assert load_state(tmp_path / "b" / "state.pt")["step"] == 12
+    res_model, res_ema = toy_train(tmp_path / "b", resume=True)
+    for p, q in zip(full_model.state_dict().values(), res_model.state_dict().values()):
+        assert torch.equal(p, q)
+    for p, q in zip(full_ema.state_dict().values(), res_ema.state_dict().values()):
+        assert torch.equal(p, q)
+    a = [r for r in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    b = [r for r in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    strip = lambda rows: [{k: v for k, v in __import__("json").loads(r).items() if k in ("step", "loss")} for r in rows]
+    assert strip(a) == strip(b)
+    assert torch.equal(load_safetensors(tmp_path / "a" / "model.safetensors")["3.weight"], full_ema[3].weight)
+    m = read_json(tmp_path / "a" / "metrics.json")
+    assert m["steps_done"] == 24 and m["torch"] == torch.__version__ and m["data"] == "synthetic"
+
+
+def test_existing_run_and_resume_errors(tmp_path):
+    toy_train(tmp_path / "a")
+    with pytest.raises(FileExistsError, match="--resume"):
+        toy_train(tmp_path / "a")
+    with pytest.raises(FileNotFoundError, match="state.pt"):
+        toy_train(tmp_path / "new", resume=True)
+    with pytest.raises(ValueError, match="width"):
+        toy_train(tmp_path / "a", cfg=ToyConfig(width=8), resume=True)
+
+
+def test_nan_stops_and_keeps_last_checkpoint(tmp_path):
+    with pytest.raises(TrainingDiverged, match="step 14") as e:
+        toy_train(tmp_path / "n", poison_at=14)
+    assert "intact" in str(e.value)
+    assert load_state(tmp_path / "n" / "state.pt")["step"] == 12
+    w = load_safetensors(tmp_path / "n" / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in w.values())
+
+
+def test_batch_indices_cover_each_epoch_and_split_by_rank():
+    n, bs = 10, 4
+    seen = torch.cat([common.batch_indices(n, bs, s, seed=3)[0] for s in range(5)])  # 20 samples = 2 epochs
+    assert sorted(seen[:10].tolist()) == list(range(10)) and sorted(seen[10:].tolist()) == list(range(10))
+    whole, gidx = common.batch_indices(n, bs, 2, seed=3)
+    parts = [common.batch_indices(n, bs, 2, seed=3, rank=r, world=2)[0] for r in range(2)]
+    assert torch.equal(torch.cat(parts), whole) and gidx.tolist() == [8, 9, 10, 11]
+    with pytest.raises(ValueError, match="divisible"):
+        common.batch_indices(n, 5, 0, seed=0, world=2)
+
+
+def test_lr_schedule_shape():
+    tc = TrainConfig(steps=100, lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    assert common.lr_at(0, tc) == pytest.approx(0.1) and common.lr_at(9, tc) == pytest.approx(1.0)
+    assert common.lr_at(10, tc) == pytest.approx(1.0) and common.lr_at(100, tc) == pytest.approx(0.1)
+    lrs = [common.lr_at(s, tc) for s in range(10, 101)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_ema_half_life():
+    ema, model = nn.Linear(1, 1, bias=False), nn.Linear(1, 1, bias=False)
+    nn.init.zeros_(ema.weight), nn.init.ones_(model.weight)
+    for _ in range(5):
+        common.ema_update(ema, model, halflife_steps=5)
+    assert ema.weight.item() == pytest.approx(0.5, abs=1e-6)  # after one half-life, halfway there
+
+
+def test_autocast_choices():
+    dev = torch.device("cpu")
+    with common.autocast(dev, "bf16"):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="fp16"):
+        common.autocast(dev, "fp16")
+    with pytest.raises(ValueError, match="device"):
+        common.resolve_device("tpu")
