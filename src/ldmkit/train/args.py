@@ -34,10 +34,23 @@ def resolve_config(args: argparse.Namespace, presets: Mapping[str, T]) -> T:
     return apply_overrides(preset(presets, args.preset), args.overrides)
 
 
-def resolve_data(spec: str) -> str:
-    """`auto` -> fashion-mnist when its files are installed, else the generated shapes dataset."""
+def resolve_data(spec: str, data_dir: str | None = None) -> str:
+    """`auto` -> fashion-mnist when its files are installed (or in --data-dir), else the generated shapes."""
     if spec != "auto":
         return spec
-    from pathlib import Path
-    from ldmkit.data import DEFAULT_FASHION_DIR  # noqa: WPS433 (lazy: data is optional for some stages)
-    return "fashion-mnist" if (Path(DEFAULT_FASHION_DIR) / "train-images-idx3-ubyte.gz").exists() else "shapes"
+    from ldmkit.data import default_spec
+    return default_spec(data_dir)
+
+
+def load_data(args, split: str = "train"):
+    """The dataset named by --data / --data-dir / --skip-bad (data_dir only applies to fashion-mnist)."""
+    from ldmkit.data import load_dataset
+    spec = resolve_data(args.data, args.data_dir)
+    kw = {}
+    if spec == "fashion-mnist":
+        kw["data_dir"] = args.data_dir
+    elif args.data_dir is not None:
+        raise ValueError(f"--data-dir {args.data_dir} only applies to fashion-mnist, not --data {spec}")
+    if spec.startswith("folder:"):
+        kw["skip_bad"] = args.skip_bad
+    return spec, load_dataset(spec, split=split, **kw)

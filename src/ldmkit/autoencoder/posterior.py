@@ -1,0 +1,50 @@
+"""The diagonal Gaussian posterior q(z | x) = N(mean, diag(exp(logvar))) of the KL autoencoder.
+
+The encoder predicts `2 * latent_channels` moments: the first half is the mean, the second the log-variance
+(Kingma & Welling 2014, "Auto-Encoding Variational Bayes"; Rombach et al. 2022, "High-Resolution Image Synthesis
+with Latent Diffusion Models", appendix G). All statistics are computed in float32 whatever the autocast dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ldmkit.nn import sum_flat
+
+
+class DiagonalGaussian:
+    """Posterior over latents (B, C, h, w) built from encoder moments (B, 2C, h, w)."""
+
+    def __init__(self, moments: torch.Tensor, logvar_clamp: tuple[float, float] = (-30.0, 20.0)):
+        if moments.ndim != 4 or moments.shape[1] % 2:
+            raise ValueError(f"moments must be (B, 2C, h, w) with an even channel count, got {tuple(moments.shape)}")
+        mean, logvar = moments.float().chunk(2, dim=1)  # (B, C, h, w) each
+        self.mean = mean
+        self.logvar = logvar.clamp(*logvar_clamp)
+        self.std = torch.exp(0.5 * self.logvar)
+        self.var = torch.exp(self.logvar)
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Reparameterised sample z = mean + std * eps, eps ~ N(0, I) drawn from `generator` if given."""
+        eps = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+        return self.mean + self.std * eps
+
+    def mode(self) -> torch.Tensor:
+        """The most likely latent, the mean."""
+        return self.mean
+
+    def kl_per_channel(self) -> torch.Tensor:
+        """KL(q || N(0, I)) summed over space, per example and latent channel: (B, C)."""
+        kl = 0.5 * (self.mean.square() + self.var - 1.0 - self.logvar)  # closed form, Kingma & Welling eq. 10
+        return kl.sum(dim=(2, 3))
+
+    def kl(self) -> torch.Tensor:
+        """KL(q || N(0, I)) summed over latent elements, per example: (B,)."""
+        return self.kl_per_channel().sum(1)
+
+    def nll(self, z: torch.Tensor) -> torch.Tensor:
+        """-log q(z | x) summed over latent elements, per example: (B,)."""
+        sq = (z.float() - self.mean).square() / self.var
+        return 0.5 * sum_flat(math.log(2.0 * math.pi) + self.logvar + sq)

@@ -1,0 +1,331 @@
+"""A lean latent UNet: residual conv blocks, attention layers at low resolution, text cross-attention.
+
+Built for small latents (8x8x4) on a CPU. Choices that make it fast there, measured on a 2-core Zen 5:
+- feature maps stay channels-last from stem to output, so every conv runs on oneDNN's fast path;
+- every token-wise linear layer (attention projections, MLPs, context keys/values) is a `ConvLinear`: the same
+  parameters as `nn.Linear`, computed as a 1x1 convolution over channels-last memory, ~1.7x faster forward +
+  backward than `addmm` on CPU. Channels-last feature maps *are* token tensors (B, H*W, C) in memory, so moving
+  between conv blocks and attention layers costs no copy;
+- attention layers are one flat pre-norm layer (self-attention with fused qkv, cross-attention, plain GELU MLP)
+  instead of a transformer block with proj_in / proj_out, GEGLU and reshapes;
+- few levels (8x8 -> 4x4) with the wide channels at the smallest resolution.
+
+Conditioning follows the backbone contract: `forward(x, t, context, context_mask, pooled, drop)`; dropped examples
+see the learned null embeddings (`null_context` at every token position, `null_pooled`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ldmkit.nn import TimestepMLP, group_norm, zero_module
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Helpers shared with dit.py
+
+
+class ConvLinear(nn.Linear):
+    """`nn.Linear` (same parameters, same state_dict) that runs as a channels-last 1x1 convolution on CPU.
+
+    On CPU, oneDNN's convolution is ~1.7x faster forward + backward than the MKL `addmm` behind `F.linear`
+    (benchmarks/bench_backbone_speed.py). Other devices use `F.linear`.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu":
+            return F.linear(x, self.weight, self.bias)
+        lead = x.shape[:-1]
+        x4 = x.reshape(1, -1, 1, self.in_features).permute(0, 3, 1, 2)  # (1, Din, N, 1), channels-last view
+        y = F.conv2d(x4, self.weight[:, :, None, None], self.bias)  # (1, Dout, N, 1), channels-last
+        return y.permute(0, 2, 3, 1).reshape(*lead, self.out_features)  # (..., Dout), no copy
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
+              mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Multi-head softmax(q k^T / sqrt(d)) v over token tensors q (B, T, D), k/v (B, S, D), mask (B, S) True = attend."""
+    B, T, D = q.shape
+    S = k.shape[1]
+    q = q.view(B, T, heads, D // heads).transpose(1, 2)  # (B, H, T, d)
+    k = k.view(B, S, heads, D // heads).transpose(1, 2)  # (B, H, S, d)
+    v = v.view(B, S, heads, D // heads).transpose(1, 2)  # (B, H, S, d)
+    m = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, S)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=m)  # (B, H, T, d)
+    return y.transpose(1, 2).reshape(B, T, D)
+
+
+def prepare_condition(null_context: torch.Tensor, null_pooled: torch.Tensor | None, batch: int,
+                      context: torch.Tensor | None, context_mask: torch.Tensor | None,
+                      pooled: torch.Tensor | None, drop: torch.Tensor | None):
+    """Validate the conditioning and swap in the null embeddings where `drop` is True (or everywhere if no context).
+
+    Returns (context (B, T, Dc), mask (B, T) bool or None when every token is real, pooled (B, Dp) or None).
+    A dropped example sees `null_context` at every position with every position attended, `null_pooled` as pooled.
+    """
+    Dc = null_context.shape[0]
+    if context is None:
+        if pooled is not None or context_mask is not None:
+            raise ValueError("context=None means unconditional; pass pooled/context_mask only together with context")
+        ctx = null_context.expand(batch, 1, Dc)  # one null token == T null tokens under softmax
+        return ctx, None, None if null_pooled is None else null_pooled.expand(batch, -1)
+    if context.dim() != 3 or context.shape[0] != batch or context.shape[2] != Dc:
+        raise ValueError(f"context must be (B={batch}, T, context_dim={Dc}), got {tuple(context.shape)}; "
+                         "set the backbone's context_dim to the text encoder's context_dim")
+    if context_mask is not None and (context_mask.dtype != torch.bool or context_mask.shape != context.shape[:2]):
+        raise ValueError(f"context_mask must be a bool tensor of shape {tuple(context.shape[:2])} (True = real token), "
+                         f"got {context_mask.dtype} {tuple(context_mask.shape)}")
+    if null_pooled is not None and (pooled is None or pooled.shape != (batch, null_pooled.shape[0])):
+        got = None if pooled is None else tuple(pooled.shape)
+        raise ValueError(f"pooled must be (B={batch}, pooled_dim={null_pooled.shape[0]}) with context, got {got}")
+    if null_pooled is None and pooled is not None:
+        raise ValueError("this backbone has pooled_dim=0; do not pass pooled (or build it with pooled_dim > 0)")
+    if drop is not None:
+        if drop.dtype != torch.bool or drop.shape != (batch,):
+            raise ValueError(f"drop must be a bool tensor of shape ({batch},), got {drop.dtype} {tuple(drop.shape)}")
+        context = torch.where(drop[:, None, None], null_context.to(context.dtype), context)
+        if context_mask is not None:
+            context_mask = context_mask | drop[:, None]
+        if pooled is not None:
+            pooled = torch.where(drop[:, None], null_pooled.to(pooled.dtype), pooled)
+    if context_mask is not None:
+        if not bool(context_mask.any(1).all()):
+            raise ValueError("context_mask has an example with no real token (all False); mark at least one True")
+        if bool(context_mask.all()):
+            context_mask = None
+    return context, context_mask, pooled
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    in_channels: int = 4  # latent channels in
+    out_channels: int = 4  # channels out (eps / v / velocity prediction)
+    channels: int = 64  # width of the first (full-resolution) level
+    channel_mults: tuple[int, ...] = (1, 3)  # width multiplier per level; each further level halves H and W
+    blocks_per_level: tuple[int, ...] = (1, 2)  # residual blocks per level, down path and (mirrored) up path
+    attention_levels: tuple[bool, ...] = (False, True)  # levels whose blocks carry an attention layer
+    mid_attention: bool = True  # attention layer between the two middle residual blocks
+    head_dim: int = 64  # width per attention head (heads = width // head_dim)
+    mlp_ratio: float = 2.0  # hidden width of the attention layer's MLP, as a multiple of its width
+    context_dim: int = 128  # width of the text tokens (the text encoder's context_dim)
+    pooled_dim: int = 128  # width of the pooled text vector; 0 = no pooled input
+    emb_dim: int = 256  # width of the timestep (+ pooled) embedding
+    freq_dim: int = 128  # sinusoidal features fed to the timestep MLP
+    dropout: float = 0.0  # dropout inside residual blocks
+    norm_groups: int = 32  # GroupNorm groups (largest divisor of the width <= this)
+    scale_shift: bool = True  # FiLM the second norm with the embedding (True) or add it (False)
+
+    def __post_init__(self):
+        n = len(self.channel_mults)
+        for name in ("blocks_per_level", "attention_levels"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"UNetConfig.{name} has {len(getattr(self, name))} entries but channel_mults has "
+                                 f"{n}; give one per level")
+        if any(b < 1 for b in self.blocks_per_level):
+            raise ValueError(f"UNetConfig.blocks_per_level={self.blocks_per_level}: every level needs >= 1 block")
+        attended = [w for w, a in zip(self.widths, self.attention_levels) if a] + [self.widths[-1]] * self.mid_attention
+        for w in attended:
+            if w % self.head_dim:
+                raise ValueError(f"UNetConfig: level width {w} is not a multiple of head_dim={self.head_dim}")
+        if self.context_dim < 1:
+            raise ValueError(f"UNetConfig.context_dim={self.context_dim} must be >= 1 (the text encoder's width)")
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        return tuple(self.channels * m for m in self.channel_mults)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Blocks
+
+
+class ResBlock(nn.Module):
+    """GN -> SiLU -> conv3x3 -> GN (+ embedding scale/shift or add) -> SiLU -> dropout -> conv3x3, plus a skip."""
+
+    def __init__(self, cin: int, cout: int, cfg: UNetConfig):
+        super().__init__()
+        self.scale_shift = cfg.scale_shift
+        self.norm1 = group_norm(cin, cfg.norm_groups)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.emb = nn.Linear(cfg.emb_dim, 2 * cout if cfg.scale_shift else cout)
+        self.norm2 = group_norm(cout, cfg.norm_groups)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)  # zero-initialised (initialize_weights)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))  # (B, C, H, W)
+        e = self.emb(emb)[:, :, None, None]  # (B, 2C or C, 1, 1); emb is already SiLU'd
+        if self.scale_shift:
+            scale, shift = e.chunk(2, dim=1)
+            h = self.norm2(h) * (1 + scale) + shift  # FiLM (Dhariwal & Nichol 2021, "AdaGN")
+        else:
+            h = self.norm2(h + e)
+        h = self.conv2(self.drop(F.silu(h)))
+        return self.skip(x) + h
+
+
+class AttentionLayer(nn.Module):
+    """Pre-norm self-attention, cross-attention to the text tokens and a GELU MLP, each residual, on tokens."""
+
+    def __init__(self, width: int, cfg: UNetConfig):
+        super().__init__()
+        self.heads = width // cfg.head_dim
+        hidden = int(width * cfg.mlp_ratio)
+        self.norm1 = nn.LayerNorm(width, eps=1e-6)
+        self.qkv = ConvLinear(width, 3 * width)
+        self.proj = ConvLinear(width, width)  # zero-initialised
+        self.norm2 = nn.LayerNorm(width, eps=1e-6)
+        self.q = ConvLinear(width, width)
+        self.kv = ConvLinear(cfg.context_dim, 2 * width)
+        self.out = ConvLinear(width, width)  # zero-initialised
+        self.norm3 = nn.LayerNorm(width, eps=1e-6)
+        self.fc1 = ConvLinear(width, hidden)
+        self.fc2 = ConvLinear(hidden, width)  # zero-initialised
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        B, C, H, W = x.shape
+        h = x.permute(0, 2, 3, 1).reshape(B, H * W, C)  # (B, N, C); a view when x is channels-last
+        q, k, v = self.qkv(self.norm1(h)).chunk(3, dim=-1)  # 3 x (B, N, C)
+        h = h + self.proj(attention(q, k, v, self.heads))
+        k, v = self.kv(context).chunk(2, dim=-1)  # 2 x (B, T, C)
+        h = h + self.out(attention(self.q(self.norm2(h)), k, v, self.heads, mask))
+        h = h + self.fc2(F.gelu(self.fc1(self.norm3(h)), approximate="tanh"))
+        return h.view(B, H, W, C).permute(0, 3, 1, 2)  # (B, C, H, W), channels-last
+
+
+class UNetBlock(nn.Module):
+    """A residual block, optionally followed by an attention layer."""
+
+    def __init__(self, cin: int, cout: int, attend: bool, cfg: UNetConfig):
+        super().__init__()
+        self.res = ResBlock(cin, cout, cfg)
+        self.attn = AttentionLayer(cout, cfg) if attend else None
+
+    def forward(self, x, emb, context, mask):
+        x = self.res(x, emb)
+        return x if self.attn is None else self.attn(x, context, mask)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour 2x upsampling followed by a 3x3 conv."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model
+
+
+class UNet(nn.Module):
+    """Latent denoiser: `forward(x, t, context=None, context_mask=None, pooled=None, drop=None)` -> like x.
+
+    x (B, C, H, W) with H, W divisible by 2^(levels - 1); t (B,) float model time; context (B, T, Dc) text tokens
+    with context_mask (B, T) bool (True = real token); pooled (B, Dp); drop (B,) bool selects examples that see
+    the learned null embeddings instead. context=None means every example is dropped.
+    """
+
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        self.cfg = cfg
+        widths = cfg.widths
+        self.null_context = nn.Parameter(torch.zeros(cfg.context_dim))
+        self.null_pooled = nn.Parameter(torch.zeros(cfg.pooled_dim)) if cfg.pooled_dim > 0 else None
+        self.time_embed = TimestepMLP(cfg.freq_dim, cfg.emb_dim)
+        self.pooled_proj = nn.Linear(cfg.pooled_dim, cfg.emb_dim) if cfg.pooled_dim > 0 else None
+        self.stem = nn.Conv2d(cfg.in_channels, widths[0], 3, padding=1)
+
+        self.down, self.downsample = nn.ModuleList(), nn.ModuleList()
+        for i, w in enumerate(widths):
+            self.down.append(nn.ModuleList([UNetBlock(w, w, cfg.attention_levels[i], cfg)
+                                            for _ in range(cfg.blocks_per_level[i])]))
+            if i + 1 < len(widths):
+                self.downsample.append(nn.Conv2d(w, widths[i + 1], 3, stride=2, padding=1))
+        wm = widths[-1]
+        self.mid = nn.ModuleList([UNetBlock(wm, wm, cfg.mid_attention, cfg), UNetBlock(wm, wm, False, cfg)])
+
+        self.up, self.upsample = nn.ModuleList(), nn.ModuleList()
+        for i in reversed(range(len(widths))):
+            w = widths[i]  # each block eats one skip of width w (concatenated)
+            self.up.append(nn.ModuleList([UNetBlock(2 * w, w, cfg.attention_levels[i], cfg)
+                                          for _ in range(cfg.blocks_per_level[i])]))
+            if i > 0:
+                self.upsample.append(Upsample(w, widths[i - 1]))
+        self.out_norm = group_norm(widths[0], cfg.norm_groups)
+        self.out = nn.Conv2d(widths[0], cfg.out_channels, 3, padding=1)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        """All special initialisation: residual-branch outputs and the final conv start at zero (identity blocks,
+        zero output), token linears Xavier-uniform, timestep MLP and null embeddings N(0, 0.02^2)."""
+        for m in self.modules():
+            if isinstance(m, ConvLinear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        for m in self.time_embed.mlp:
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+        nn.init.normal_(self.null_context, std=0.02)
+        if self.null_pooled is not None:
+            nn.init.normal_(self.null_pooled, std=0.02)
+        for m in self.modules():
+            if isinstance(m, ResBlock):
+                zero_module(m.conv2)
+            elif isinstance(m, AttentionLayer):
+                zero_module(m.proj), zero_module(m.out), zero_module(m.fc2)
+        zero_module(self.out)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None = None,
+                context_mask: torch.Tensor | None = None, pooled: torch.Tensor | None = None,
+                drop: torch.Tensor | None = None) -> torch.Tensor:
+        B, C, H, W = x.shape
+        k = 2 ** (len(self.cfg.channel_mults) - 1)
+        if C != self.cfg.in_channels or H % k or W % k:
+            raise ValueError(f"UNet expects (B, {self.cfg.in_channels}, H, W) with H, W divisible by {k}, "
+                             f"got {tuple(x.shape)}")
+        if t.shape != (B,):
+            raise ValueError(f"t must have shape ({B},), got {tuple(t.shape)}")
+        context, mask, pooled = prepare_condition(self.null_context, self.null_pooled, B, context, context_mask,
+                                                  pooled, drop)
+        emb = self.time_embed(t)  # (B, E)
+        if self.pooled_proj is not None:
+            emb = emb + self.pooled_proj(pooled)  # (B, E)
+        emb = F.silu(emb)
+
+        h = self.stem(x.contiguous(memory_format=torch.channels_last))  # (B, C0, H, W), channels-last
+        skips = []
+        for i, level in enumerate(self.down):
+            for block in level:
+                h = block(h, emb, context, mask)
+                skips.append(h)
+            if i < len(self.downsample):
+                h = self.downsample[i](h)
+        for block in self.mid:
+            h = block(h, emb, context, mask)
+        for i, level in enumerate(self.up):
+            for block in level:
+                h = block(torch.cat([h, skips.pop()], dim=1), emb, context, mask)
+            if i < len(self.upsample):
+                h = self.upsample[i](h)
+        h = self.out(F.silu(self.out_norm(h)))  # (B, out, H, W)
+        return h.contiguous()
+
+
+PRESETS = {
+    "tiny": UNetConfig(channels=16, channel_mults=(1, 2), blocks_per_level=(1, 1), attention_levels=(False, True),
+                       head_dim=16, context_dim=32, pooled_dim=32, emb_dim=32, freq_dim=32, norm_groups=8),
+    "fashion-mnist": UNetConfig(),
+    "shapes": UNetConfig(channels=64, channel_mults=(1, 3), blocks_per_level=(1, 2), attention_levels=(True, True)),
+}

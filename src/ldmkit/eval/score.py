@@ -1,0 +1,81 @@
+"""`ldmkit eval SAMPLES.npz`: score images with the frozen evaluation classifier.
+
+Prints and writes accuracy against the npz's `labels` (where >= 0), the Frechet distance in the classifier's
+penultimate features against the Fashion-MNIST test set, and k-NN precision/recall (k = 3), each beside the floor
+that the same number of real training images reaches, with the classifier's weight hash.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ldmkit.checkpoint import file_hash, load_safetensors, read_json, write_json
+
+
+def find_classifier_dir(path: str | Path) -> Path:
+    """A stage directory of the eval classifier, or a pipeline directory holding `eval-classifier/`."""
+    path = Path(path)
+    for cand in (path, path / "eval-classifier"):
+        if (cand / "model.safetensors").exists() and (cand / "config.json").exists():
+            cfg = read_json(cand / "config.json")
+            if cfg.get("stage") == "eval-classifier":
+                return cand
+    raise FileNotFoundError(f"{path} is neither an eval-classifier stage directory nor a pipeline directory with "
+                            "eval-classifier/; train one with `ldmkit train eval-classifier --out DIR`")
+
+
+def load_eval_classifier(path: str | Path):
+    """(model in eval mode, weights hash) from a stage or pipeline directory."""
+    from ldmkit.config import from_dict
+    from ldmkit.eval.classifier import EvalClassifier, EvalClassifierConfig
+    d = find_classifier_dir(path)
+    cfg = read_json(d / "config.json")
+    model = EvalClassifier(from_dict(EvalClassifierConfig, cfg["model"]))
+    model.load_state_dict(load_safetensors(d / "model.safetensors"))
+    return model.eval(), file_hash(d / "model.safetensors")
+
+
+def load_samples(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"samples file {path} not found")
+    with np.load(path, allow_pickle=False) as f:
+        if "images" not in f:
+            raise KeyError(f"{path} has no 'images' array (keys: {sorted(f.files)}); write it with `ldmkit sample`")
+        images = f["images"]
+        labels = f["labels"] if "labels" in f else None
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (28, 28, 1):
+        raise ValueError(f"{path}: images must be uint8 N x 28 x 28 x 1 (Fashion-MNIST native size), got "
+                         f"{images.dtype} {images.shape}")
+    return images, labels
+
+
+def score_file(samples: str | Path, classifier: str | Path, data_dir: str | None = None, seed: int = 0) -> dict:
+    from ldmkit.eval.classifier import score_images
+    from ldmkit.train.eval_classifier import fashion_uint8
+    images, labels = load_samples(samples)
+    model, digest = load_eval_classifier(classifier)
+    xtr, _ = fashion_uint8("train", data_dir)
+    xte, yte = fashion_uint8("test", data_dir)
+    out = score_images(model, images, labels, xte, xtr, real_test_labels=yte, seed=seed)
+    return {"samples": str(samples), "eval_classifier_sha256": digest, **out}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="ldmkit eval", description=__doc__.splitlines()[0])
+    p.add_argument("samples", help="npz with images (uint8 N x 28 x 28 x 1) and optional labels (int64, -1 = none)")
+    p.add_argument("--classifier", required=True,
+                   help="eval-classifier stage directory, or a pipeline directory containing eval-classifier/")
+    p.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST idx files")
+    p.add_argument("--out", default=None, help="JSON to write (default: SAMPLES with .eval.json)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the real-image floor subset")
+    args = p.parse_args(argv)
+    result = score_file(args.samples, args.classifier, args.data_dir, args.seed)
+    out = Path(args.out) if args.out else Path(args.samples).with_suffix(".eval.json")
+    write_json(out, result)
+    print(json.dumps(result, indent=2))
+    return 0

@@ -1,0 +1,266 @@
+"""Prompt in, images out: a pipeline directory loaded as one object, with every guidance option.
+
+    pipe = Pipeline.load("pretrained/fashion-mnist")
+    images = pipe(["a photo of a bag"], num=4, guidance=3.0, steps=20, sampler="dpmpp-2m", seed=0)  # uint8 NHWC
+
+A pipeline directory holds `pipeline.json` and the stage directories it names (`autoencoder/`, `clip/` whose
+text tower is the frozen text encoder, `denoiser/`, optional `classifier/` and `eval-classifier/`). Each stage's
+weight hash is recorded there and checked at load, and the denoiser's own record of the autoencoder and text
+encoder it was trained with must match: a swapped stage fails loudly.
+
+Prompts reach the denoiser only through the text encoder; the empty prompt "" is the unconditional (null)
+condition. Class labels reach only the noise-aware classifier (classifier guidance), never the denoiser.
+Image i of a call is seeded from (seed, i) and the networks run on fixed-size micro-batches, so an image does not
+depend on how many others are generated with it or on the batch size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ldmkit.checkpoint import read_json
+from ldmkit.diffusion.objectives import make_denoiser
+from ldmkit.diffusion.samplers import example_generators, get_sampler, randn
+from ldmkit.guidance.cfg import guided_denoiser
+from ldmkit.guidance.classifier import classifier_grad_fn, classifier_guidance
+
+MICRO_BATCH = 16  # every network call runs on chunks of exactly this many rows (padded), for batch invariance
+
+
+@dataclass(frozen=True)
+class Guidance:
+    scale: float = 3.0                       # w: 1 = conditional, 0 = unconditional (Ho & Salimans write 1 + w)
+    mode: str = "cfg"                        # cfg | apg (adaptive projected guidance)
+    rescale: float = 0.0                     # guidance rescale phi (Lin et al. 2023); 0 = off
+    interval: tuple[float, float] | None = None  # guide only for sigma in (lo, hi]; None = every step
+    negative_prompt: str | None = None       # replaces the unconditional prediction for every prompt
+    classifier_scale: float = 0.0            # classifier guidance strength s; 0 = off
+
+
+def fixed_chunks(fn, micro: int = MICRO_BATCH):
+    """Run `fn(x, *rows)` on zero-padded chunks of exactly `micro` rows, so row i's result never depends on
+    how many rows arrive together. Every tensor argument is split along dim 0; other arguments pass through."""
+    def run(x: torch.Tensor, *args, **kwargs):
+        n = x.shape[0]
+        outs = []
+        for i in range(0, n, micro):
+            m = min(micro, n - i)
+
+            def take(v):
+                if not isinstance(v, torch.Tensor) or v.ndim == 0 or v.shape[0] != n:
+                    return v
+                part = v[i:i + m]
+                return torch.cat([part, part[:1].expand(micro - m, *part.shape[1:])]) if m < micro else part
+            outs.append(fn(take(x), *[take(a) for a in args], **{k: take(v) for k, v in kwargs.items()})[:m])
+        return torch.cat(outs)
+    return run
+
+
+class PromptEncoder:
+    """Encodes prompts and caches them by string; "" gives the null condition (`drop` True).
+
+    With `batched=True` (training) prompts not yet cached are encoded in one call; with `batched=False`
+    (sampling) each prompt is encoded alone, so its bits never depend on which prompts come with it.
+    """
+
+    def __init__(self, text_encoder, batched: bool = True, cache_size: int = 65536):
+        self.text_encoder, self.batched, self.cache, self.cache_size = text_encoder, batched, {}, cache_size
+
+    def __call__(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        missing = list(dict.fromkeys(p for p in prompts if p not in self.cache))
+        if missing:
+            if len(self.cache) + len(missing) > self.cache_size:
+                self.cache.clear()
+            groups = [missing] if self.batched else [[p] for p in missing]
+            for group in groups:
+                enc = self.text_encoder.encode(group)
+                for i, p in enumerate(group):
+                    self.cache[p] = {k: v[i] for k, v in enc.items()}
+        rows = [self.cache[p] for p in prompts]
+        cond = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+        cond["drop"] = torch.tensor([p == "" for p in prompts], dtype=torch.bool)
+        return cond
+
+
+def sample_latents(backbone, objective, encode: PromptEncoder, prompts: Sequence[str], indices: Sequence[int],
+                   shape: tuple[int, ...], *, seed: int, guidance: Guidance, sampler: str = "dpmpp-2m",
+                   steps: int = 20, spacing: str = "trailing", classifier=None, class_labels=None,
+                   x_start: torch.Tensor | None = None, start_step: int = 0, inpaint=None,
+                   progress: bool = False) -> torch.Tensor:
+    """Latents (B, *shape) for one batch of prompts; example j is seeded by (seed, indices[j]).
+
+    x_start / start_step: image-to-image (start from a noised latent at sigmas[start_step]); inpaint:
+    (known latents, mask with 1 = generate) keeps the known region by replacing x0_hat outside the mask.
+    """
+    denoise = make_denoiser(fixed_chunks(backbone), objective)
+    cond = encode(prompts)
+    uncond = encode([guidance.negative_prompt]) if guidance.negative_prompt is not None else \
+        {**cond, "drop": torch.ones(len(prompts), dtype=torch.bool)}
+    fn = guided_denoiser(denoise, cond, uncond, guidance.scale, mode=guidance.mode, rescale=guidance.rescale,
+                         interval=guidance.interval, rescale_space=_space(objective))
+    if guidance.classifier_scale:
+        if classifier is None or class_labels is None:
+            raise ValueError("classifier guidance needs a pipeline with classifier/ and a class per prompt "
+                             "(a prompt naming one class, or --class-label K)")
+        grad = classifier_grad_fn(fixed_chunks(classifier), torch.as_tensor(class_labels, dtype=torch.long))
+        fn = classifier_guidance(fn, grad, guidance.classifier_scale)
+    if inpaint is not None:
+        known, mask = inpaint
+        inner = fn
+        fn = lambda x, sigma: mask * inner(x, sigma) + (1 - mask) * known  # noqa: E731
+    sigmas = objective.get_schedule().sample_sigmas(steps, spacing)[start_step:]
+    gens = example_generators(seed, list(indices))
+    z = randn((len(prompts), *shape), gens)  # example j's draw depends only on (seed, indices[j])
+    if float(sigmas[0]) == 0:  # image-to-image at strength 0: nothing to denoise
+        return x_start
+    x = z if torch.isinf(sigmas[0]) else (0 if x_start is None else x_start) + sigmas[0] * z
+    return get_sampler(sampler)(fn, x, sigmas, generator=gens, progress=progress)
+
+
+def _space(objective) -> str:
+    return {"eps": "eps", "v": "v", "x0": "x0", "flow": "flow"}[objective.kind]
+
+
+def _check_hashes(root: Path, spec: dict) -> None:
+    from ldmkit.stages import weights_hash
+    for name, entry in spec["stages"].items():
+        got = weights_hash(root / entry["path"])
+        if got != entry["sha256"]:
+            raise ValueError(f"{root / entry['path']}: weights hash {got} differs from {entry['sha256']} in "
+                             f"{root / 'pipeline.json'}; the {name} stage was swapped or retrained. Rebuild the "
+                             "pipeline with `ldmkit train pipeline` (or restore the original stage)")
+
+
+class Pipeline:
+    """Autoencoder + frozen text encoder + denoiser (+ noise-aware classifier) behind one call."""
+
+    def __init__(self, root: Path, spec: dict, autoencoder, text_encoder, backbone, objective, classifier=None):
+        self.root, self.spec = root, spec
+        self.autoencoder, self.backbone, self.objective, self.classifier = autoencoder, backbone, objective, classifier
+        self.encode = PromptEncoder(text_encoder, batched=False)
+        lat = spec["latent"]
+        self.scale_factor, self.shift_factor = lat["scale_factor"], lat["shift_factor"]
+        self.latent_shape = tuple(lat["shape"])
+        self.crop_box = spec["image"]["crop"]  # (top, left, height, width) of the native image
+        self.defaults = spec["defaults"]
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Pipeline":
+        from ldmkit.stages import load_autoencoder, load_classifier, load_denoiser, load_text_encoder
+        root = Path(path)
+        if not (root / "pipeline.json").exists():
+            raise FileNotFoundError(f"{root} is not a pipeline directory (no pipeline.json); build one with "
+                                    "`ldmkit train pipeline --preset fashion-mnist --out DIR`")
+        spec = read_json(root / "pipeline.json")
+        _check_hashes(root, spec)
+        st = spec["stages"]
+        ae, _, _ = load_autoencoder(root / st["autoencoder"]["path"])
+        text, _ = load_text_encoder(root / st["clip"]["path"])
+        backbone, objective, dcfg = load_denoiser(root / st["denoiser"]["path"])
+        cond = dcfg["conditioning"]
+        for key, stage in (("autoencoder_sha256", "autoencoder"), ("text_encoder_sha256", "clip")):
+            if cond[key] != st[stage]["sha256"]:
+                raise ValueError(f"the denoiser in {root} was trained with another {stage} (hash {cond[key]}, "
+                                 f"pipeline has {st[stage]['sha256']}); retrain the denoiser on this {stage}")
+        clf = load_classifier(root / st["classifier"]["path"])[0] if "classifier" in st else None
+        return cls(root, spec, ae, text, backbone, objective, clf)
+
+    # ------------------------------------------------------------------ latents <-> images
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> np.ndarray:
+        """Scaled latents -> uint8 (N, H, W, C) images at the dataset's native size."""
+        x = fixed_chunks(self.autoencoder.decode)(z / self.scale_factor + self.shift_factor)
+        top, left, h, w = self.crop_box
+        x = x[:, :, top:top + h, left:left + w]
+        return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+    @torch.no_grad()
+    def encode_images(self, images: np.ndarray) -> torch.Tensor:
+        """uint8 (N, H, W, C) native images -> scaled latents (posterior mode), padded back like training."""
+        x = torch.as_tensor(np.asarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+        top, left, h, w = self.crop_box
+        if tuple(x.shape[2:]) != (h, w):
+            raise ValueError(f"images must be {h}x{w} (the dataset's native size), got {tuple(x.shape[2:])}")
+        H, W = self.spec["image"]["size"]
+        x = F.pad(x, (left, W - w - left, top, H - h - top), value=-1.0)
+        mean = fixed_chunks(lambda v: self.autoencoder.encode(v).mode())(x)
+        return (mean - self.shift_factor) * self.scale_factor
+
+    # ------------------------------------------------------------------ sampling
+    def guidance(self, guidance=None, **kw) -> Guidance:
+        scale = self.defaults["guidance"] if guidance is None else guidance
+        return Guidance(scale=float(scale), **kw)
+
+    def generate(self, prompts: Sequence[str], *, guidance: Guidance, steps: int | None = None,
+                 sampler: str | None = None, seed: int = 0, batch_size: int = 64, class_labels=None,
+                 init_latents: torch.Tensor | None = None, strength: float = 1.0, inpaint=None,
+                 progress: bool = True) -> np.ndarray:
+        """One image per entry of `prompts` (rows in order; image i seeded by (seed, i)) -> uint8 NHWC."""
+        steps = int(steps or self.defaults["steps"])
+        sampler = sampler or self.defaults["sampler"]
+        if not 0.0 <= strength <= 1.0:
+            raise ValueError(f"strength={strength} must lie in [0, 1] (0 = keep the input, 1 = a new sample)")
+        start = steps - int(round(strength * steps))
+        out = []
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(prompts), desc="sampling", disable=not progress, unit="img")
+        for b in range(0, len(prompts), batch_size):
+            sl = slice(b, b + batch_size)
+            labels = None if class_labels is None else list(class_labels[sl])
+            known = None if inpaint is None else (inpaint[0][sl], inpaint[1][sl])
+            x0 = None if init_latents is None else init_latents[sl]
+            z = sample_latents(self.backbone, self.objective, self.encode, list(prompts[sl]),
+                               range(b, b + len(prompts[sl])), self.latent_shape, seed=seed, guidance=guidance,
+                               sampler=sampler, steps=steps, classifier=self.classifier, class_labels=labels,
+                               x_start=x0, start_step=start if x0 is not None else 0, inpaint=known)
+            out.append(self.decode(z))
+            bar.update(len(prompts[sl]))
+        bar.close()
+        return np.concatenate(out)
+
+    def __call__(self, prompts: Sequence[str] | str, num: int = 1, *, negative_prompt: str | None = None,
+                 guidance: float | None = None, guidance_mode: str = "cfg", guidance_rescale: float = 0.0,
+                 guidance_interval: tuple[float, float] | None = None, classifier_scale: float = 0.0,
+                 class_label: int | None = None, **kw) -> np.ndarray:
+        """`num` images per prompt, rows prompt by prompt -> uint8 (N, H, W, C) at the dataset's native size."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        rows = [p for p in prompts for _ in range(num)]
+        g = self.guidance(guidance, mode=guidance_mode, rescale=guidance_rescale, interval=guidance_interval,
+                          negative_prompt=negative_prompt, classifier_scale=classifier_scale)
+        labels = self.class_labels(rows, class_label) if classifier_scale else None
+        return self.generate(rows, guidance=g, class_labels=labels, **kw)
+
+    def class_labels(self, prompts: Sequence[str], class_label: int | None = None) -> list[int]:
+        """The class each prompt names (for classifier guidance), or `class_label` for every prompt."""
+        from ldmkit.data import parse_class
+        if class_label is not None:
+            return [int(class_label)] * len(prompts)
+        labels = [parse_class(p) for p in prompts]
+        bad = [p for p, y in zip(prompts, labels) if y is None]
+        if bad:
+            raise ValueError(f"classifier guidance needs a class: prompt {bad[0]!r} names none (or several); "
+                             "pass --class-label K")
+        return labels
+
+    def img2img(self, images: np.ndarray, prompts: Sequence[str], strength: float = 0.6, **kw) -> np.ndarray:
+        """SDEdit (Meng et al. 2022): encode, noise to `strength` of the schedule, denoise with the prompts."""
+        guidance = self.guidance(kw.pop("guidance", None))
+        return self.generate(list(prompts), guidance=guidance, init_latents=self.encode_images(images),
+                             strength=strength, **kw)
+
+    def inpaint(self, images: np.ndarray, mask: np.ndarray, prompts: Sequence[str], **kw) -> np.ndarray:
+        """Regenerate where `mask` (N, H, W) is 1 at native size; elsewhere keep the image's latent."""
+        guidance = self.guidance(kw.pop("guidance", None))
+        known = self.encode_images(images)
+        m = torch.as_tensor(np.asarray(mask), dtype=torch.float32)[:, None]  # (N, 1, h, w)
+        top, left, h, w = self.crop_box
+        H, W = self.spec["image"]["size"]
+        m = F.pad(m, (left, W - w - left, top, H - h - top), value=0.0)
+        lat = F.adaptive_max_pool2d(m, known.shape[-2:])  # a latent cell is generated if any pixel in it is
+        return self.generate(list(prompts), guidance=guidance, inpaint=(known, lat), **kw)

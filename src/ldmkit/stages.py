@@ -1,0 +1,109 @@
+"""Load trained stages from their directories: autoencoder, CLIP / text encoder, denoiser, latent classifier.
+
+Every stage directory holds `config.json` (with a "stage" key and the resolved config), `model.safetensors` and
+`metrics.json`. The denoiser also records which autoencoder and text encoder it was trained with (weight hashes),
+so it never silently runs on another latent space.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ldmkit.checkpoint import file_hash, load_safetensors, read_json
+from ldmkit.config import from_dict
+
+
+def stage_config(path: str | Path, stage: str) -> dict:
+    """config.json of a stage directory, checked to be of the expected stage."""
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path} is not a {stage} stage directory (no config.json); train it with "
+                                f"`ldmkit train {stage} --out {path}`")
+    cfg = read_json(path / "config.json")
+    if cfg.get("stage") != stage:
+        raise ValueError(f"{path} holds a {cfg.get('stage')!r} stage, not {stage!r}")
+    if not (path / "model.safetensors").exists():
+        raise FileNotFoundError(f"{path / 'model.safetensors'} missing: the {stage} run has not saved weights yet")
+    return cfg
+
+
+def weights_hash(path: str | Path) -> str:
+    return file_hash(Path(path) / "model.safetensors")
+
+
+def _load_weights(model: torch.nn.Module, path: Path) -> torch.nn.Module:
+    missing, unexpected = model.load_state_dict(load_safetensors(path / "model.safetensors"), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path / 'model.safetensors'} does not fit {path / 'config.json'}: missing {missing[:4]}, "
+                         f"unexpected {unexpected[:4]}")
+    return model.eval().requires_grad_(False)
+
+
+def load_autoencoder(path: str | Path):
+    """(AutoencoderKL in eval mode, scale_factor, shift_factor) from an autoencoder stage directory."""
+    from ldmkit.autoencoder import AutoencoderConfig, AutoencoderKL
+    path = Path(path)
+    cfg = stage_config(path, "autoencoder")
+    model = _load_weights(AutoencoderKL(from_dict(AutoencoderConfig, cfg["model"])), path)
+    metrics = read_json(path / "metrics.json") if (path / "metrics.json").exists() else {}
+    scale = metrics.get("scale_factor", model.cfg.scaling_factor)
+    shift = metrics.get("shift_factor", model.cfg.shift_factor) or 0.0
+    if scale is None:
+        raise ValueError(f"{path} has no latent scale factor yet (metrics.json lacks scale_factor): let the "
+                         "autoencoder run finish, it estimates 1/std of the training latents at the end")
+    return model, float(scale), float(shift)
+
+
+def load_clip(path: str | Path):
+    """The CLIPModel (eval mode, with its tokenizer) of a CLIP stage directory."""
+    from ldmkit.conditioning import CLIPConfig, CLIPModel, Tokenizer
+    path = Path(path)
+    cfg = stage_config(path, "clip")
+    model = CLIPModel(from_dict(CLIPConfig, cfg["model"]), Tokenizer.load(path / "tokenizer.json"))
+    return _load_weights(model, path)
+
+
+def load_text_encoder(spec: str | Path):
+    """A frozen text encoder: "minilm" (the pretrained all-MiniLM-L6-v2 extra) or a CLIP stage directory.
+
+    Returns (encoder, description dict with kind and weights hash).
+    """
+    if str(spec) == "minilm":
+        from ldmkit.conditioning import MiniLMTextEncoder
+        return MiniLMTextEncoder(), {"kind": "minilm", "sha256": "all-MiniLM-L6-v2"}
+    return load_clip(spec).text_encoder(), {"kind": "clip", "sha256": weights_hash(spec)}
+
+
+def build_backbone(cfg: dict, context_dim: int, pooled_dim: int):
+    """A UNet or DiT from a denoiser config dict, sized for the text encoder's widths."""
+    import dataclasses
+    kind = cfg["backbone"]
+    if kind == "unet":
+        from ldmkit.diffusion.unet import UNet, UNetConfig
+        mcfg = from_dict(UNetConfig, cfg["unet"])
+        return UNet(dataclasses.replace(mcfg, context_dim=context_dim, pooled_dim=pooled_dim))
+    if kind == "dit":
+        from ldmkit.diffusion.dit import DiT, DiTConfig
+        mcfg = from_dict(DiTConfig, cfg["dit"])
+        return DiT(dataclasses.replace(mcfg, context_dim=context_dim, pooled_dim=pooled_dim))
+    raise ValueError(f"unknown backbone {kind!r}; use unet or dit")
+
+
+def load_denoiser(path: str | Path, text_encoder=None):
+    """(backbone in eval mode, Objective, config dict) of a denoiser stage directory."""
+    from ldmkit.diffusion.objectives import Objective
+    path = Path(path)
+    cfg = stage_config(path, "ldm")
+    cond = cfg["conditioning"]
+    backbone = build_backbone(cfg, cond["context_dim"], cond["pooled_dim"])
+    return _load_weights(backbone, path), from_dict(Objective, cfg["objective"]), cfg
+
+
+def load_classifier(path: str | Path):
+    """(NoisyLatentClassifier in eval mode, config dict) of a latent-classifier stage directory."""
+    from ldmkit.guidance.classifier import ClassifierConfig, NoisyLatentClassifier
+    path = Path(path)
+    cfg = stage_config(path, "classifier")
+    return _load_weights(NoisyLatentClassifier(from_dict(ClassifierConfig, cfg["model"])), path), cfg

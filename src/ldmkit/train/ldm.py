@@ -1,0 +1,164 @@
+"""`ldmkit train ldm`: the latent denoiser (UNet or DiT), trained on cached autoencoder latents.
+
+Prompts reach the denoiser only through the frozen text encoder (a CLIP stage's text tower, or MiniLM); captions
+are drawn per example from the dataset's training templates, seeded by the global sample index, and the condition
+is replaced by the learned null embedding with probability `objective.p_uncond` (classifier-free guidance).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from ldmkit.diffusion.dit import PRESETS as DIT_PRESETS, DiTConfig
+from ldmkit.diffusion.objectives import Objective, training_loss
+from ldmkit.diffusion.samplers import example_seed
+from ldmkit.diffusion.unet import PRESETS as UNET_PRESETS, UNetConfig
+from ldmkit.train import common
+from ldmkit.train.args import load_data, resolve_config, train_parser
+from ldmkit.train.common import TrainConfig
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    autoencoder: str = ""             # autoencoder stage directory the latents come from
+    autoencoder_sha256: str = ""      # its weight hash (the denoiser is bound to this latent space)
+    text_encoder: str = ""            # CLIP stage directory (its frozen text tower) or "minilm"
+    text_encoder_sha256: str = ""     # its weight hash
+    context_dim: int = 0              # width of the text tokens
+    pooled_dim: int = 0               # width of the pooled text vector
+    scale_factor: float = 1.0         # latent scale (1 / std of the training latents)
+    shift_factor: float = 0.0         # latent shift subtracted before scaling
+    latent_shape: tuple[int, ...] = ()  # (c, h, w) of one latent
+
+
+@dataclass(frozen=True)
+class SampleDefaults:
+    sampler: str = "dpmpp-2m"         # sampler id for grids and the pipeline default
+    steps: int = 20                   # sampling steps
+    guidance: float = 3.0             # CFG scale w (1 = conditional, 0 = unconditional)
+
+
+@dataclass(frozen=True)
+class LDMConfig:
+    backbone: Literal["unet", "dit"] = "unet"       # which denoiser backbone
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    dit: DiTConfig = field(default_factory=DiTConfig)
+    objective: Objective = field(default_factory=lambda: Objective(kind="flow"))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        steps=6000, batch_size=128, lr=1e-3, warmup_steps=200, ema_halflife_steps=300, ckpt_every=1000,
+        log_every=100, sample_every=2000))
+    sample: SampleDefaults = field(default_factory=SampleDefaults)
+    latent_sample: bool = True        # draw z from the posterior each step (False: use its mean)
+    conditioning: Conditioning = field(default_factory=Conditioning)
+
+
+PRESETS = {
+    "tiny": LDMConfig(unet=UNET_PRESETS["tiny"], dit=DIT_PRESETS["tiny"],
+                      train=TrainConfig(steps=30, batch_size=16, lr=1e-3, warmup_steps=5, ema_halflife_steps=5,
+                                        log_every=10, ckpt_every=15), sample=SampleDefaults(steps=4)),
+    "fashion-mnist": LDMConfig(unet=UNET_PRESETS["fashion-mnist"], dit=DIT_PRESETS["fashion-mnist"]),
+    "fashion-mnist-dit": LDMConfig(backbone="dit", unet=UNET_PRESETS["fashion-mnist"],
+                                   dit=DIT_PRESETS["fashion-mnist"]),
+    "shapes": LDMConfig(unet=UNET_PRESETS["shapes"], dit=DIT_PRESETS["fashion-mnist"]),
+}
+
+
+def grid_prompts(ds, n: int = 8) -> list[str]:
+    """Canonical captions of one example per class where there are classes, else of the first examples."""
+    if "class" in ds.labels:
+        y = ds.labels["class"]
+        return [ds.caption(int((y == c).nonzero()[0])) for c in range(len(ds.label_names["class"]))]
+    return ds.captions(range(min(n, len(ds))))
+
+
+def bind(cfg: LDMConfig, ae_dir: str, text_spec: str):
+    """Load the autoencoder and text encoder and record them in the config (the denoiser is bound to them)."""
+    from ldmkit.stages import load_autoencoder, load_text_encoder, weights_hash
+    ae, scale, shift = load_autoencoder(ae_dir)
+    text, tinfo = load_text_encoder(text_spec)
+    f = ae.cfg.downsample_factor
+    cond = Conditioning(autoencoder=str(ae_dir), autoencoder_sha256=weights_hash(ae_dir),
+                        text_encoder=str(text_spec), text_encoder_sha256=tinfo["sha256"],
+                        context_dim=text.context_dim, pooled_dim=text.pooled_dim, scale_factor=scale,
+                        shift_factor=shift, latent_shape=(ae.cfg.latent_channels, 32 // f, 32 // f))
+    return dataclasses.replace(cfg, conditioning=cond), ae, text
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = train_parser("ldmkit train ldm", __doc__.splitlines()[0], PRESETS, "fashion-mnist")
+    p.add_argument("--autoencoder", required=True, help="autoencoder stage directory")
+    p.add_argument("--text-encoder", required=True, help="CLIP stage directory, or 'minilm'")
+    args = p.parse_args(argv)
+    cfg = resolve_config(args, PRESETS)
+    spec, ds = load_data(args)
+    train(cfg, args.out, spec, ds, args.autoencoder, args.text_encoder, resume=args.resume,
+          init_from=args.init_from, progress=not args.no_progress)
+    return 0
+
+
+def train(cfg: LDMConfig, out, spec: str, ds, ae_dir: str, text_spec: str, resume: bool = False,
+          init_from: str | None = None, progress: bool = True) -> dict:
+    from ldmkit.pipeline import PromptEncoder
+    from ldmkit.stages import build_backbone
+    from ldmkit.train.latents import draw_latents, posterior_cache
+    cfg, ae, text = bind(cfg, ae_dir, text_spec)
+    c = cfg.conditioning
+    cfg = dataclasses.replace(cfg, conditioning=dataclasses.replace(
+        c, latent_shape=(c.latent_shape[0], ds.image_size[0] // ae.cfg.downsample_factor,
+                         ds.image_size[1] // ae.cfg.downsample_factor)))
+    tc, c = cfg.train, cfg.conditioning
+    run = common.start_run(out, cfg, tc, "ldm", data=spec, resume=resume, init_from=init_from, progress=progress)
+    cache = posterior_cache(ae_dir, ae, c.autoencoder_sha256, ds, spec, "train", fallback_dir=out, progress=progress)
+    model = build_backbone(dataclasses.asdict(cfg), c.context_dim, c.pooled_dim).to(run.device)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    net = common.wrap_ddp(model, run.device)
+    opt = common.make_adamw(model.parameters(), tc)
+    start = run.restore({"model": model, "ema": ema}, {"opt": opt})
+    encode = PromptEncoder(text)
+    prompts_grid = grid_prompts(ds)
+    step, loss = start, torch.zeros(())
+    for step in run.steps(start, tc.steps):
+        idx, gidx = common.batch_indices(len(ds), tc.batch_size, step, tc.seed, run.rank, run.world)
+        x0 = draw_latents(cache, idx, gidx, tc.seed, c.scale_factor, c.shift_factor, cfg.latent_sample)
+        captions = [ds.caption(int(i), random.Random(example_seed(tc.seed, int(g), 2))) for i, g in zip(idx, gidx)]
+        cond = {k: v.to(run.device) for k, v in encode(captions).items() if k != "drop"}
+        common.set_lr(opt, common.lr_at(step, tc))
+        with common.autocast(run.device, tc.precision):
+            loss = training_loss(net, x0.to(run.device), cond, gidx, cfg.objective, tc.seed).mean()
+        loss.backward()
+        gnorm = common.clip_grad(model.parameters(), tc.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        common.ema_update(ema, model, tc.ema_halflife_steps)
+        run.log(step, loss=loss.item(), grad_norm=gnorm, lr=opt.param_groups[0]["lr"])
+        if run.is_main and run.should(tc.sample_every, step):
+            sample_grid(ema, cfg, encode, prompts_grid, ae, Path(out) / f"samples-{step + 1:06d}.png")
+        if run.should(tc.ckpt_every, step):
+            run.save(step + 1, {"model": model, "ema": ema}, {"opt": opt}, ema.state_dict())
+        step += 1
+    metrics = {"final_loss": loss.item(), "params": sum(p.numel() for p in model.parameters())}
+    if run.is_main:
+        sample_grid(ema, cfg, encode, prompts_grid, ae, Path(out) / "samples.png")
+    return run.finish(ema.state_dict(), metrics, step)
+
+
+@torch.no_grad()
+def sample_grid(backbone, cfg: LDMConfig, encode, prompts: list[str], ae, path: Path, per_prompt: int = 8) -> None:
+    """A grid with one row per prompt, sampled with the preset's default sampler and guidance."""
+    from ldmkit.images import save_grid
+    from ldmkit.pipeline import Guidance, sample_latents
+    c, s = cfg.conditioning, cfg.sample
+    rows = [p for p in prompts for _ in range(per_prompt)]
+    was = backbone.training
+    backbone.eval()
+    z = sample_latents(backbone, cfg.objective, encode, rows, range(len(rows)), tuple(c.latent_shape), seed=0,
+                       guidance=Guidance(scale=s.guidance), sampler=s.sampler, steps=s.steps)
+    backbone.train(was)
+    save_grid(ae.decode(z / c.scale_factor + c.shift_factor).clamp(-1, 1), path, nrow=per_prompt)

