@@ -84,6 +84,11 @@ class ImageDataset:
         """(H, W) at model resolution."""
         return tuple(self.images.shape[2:])
 
+    @property
+    def crop_box(self) -> tuple[int, int, int, int]:
+        """(top, left, height, width) of the native content inside a model-resolution image."""
+        return (*self._pad, *self.native_size)
+
     def caption(self, i: int, rng: random.Random | None = None) -> str:
         """Caption of example i: a random training wording drawn with `rng`, or the canonical one if rng is None."""
         if not 0 <= int(i) < len(self):
