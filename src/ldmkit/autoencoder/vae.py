@@ -260,8 +260,8 @@ class AutoencoderKL(nn.Module):
 
 PRESETS = {
     # seconds to train in tests: 32x32 -> 8x8x4, ~70k params
-    "tiny": AutoencoderConfig(in_channels=1, out_channels=1, block_out_channels=(16, 32, 32), layers_per_block=1,
-                              latent_channels=4, norm_groups=8),
+    "tiny": AutoencoderConfig(in_channels=1, out_channels=1, block_out_channels=(8, 16, 16), layers_per_block=1,
+                              latent_channels=4, norm_groups=4),
     # Fashion-MNIST padded to 32x32 -> 8x8x4 (factor 4)
     "fashion-mnist": AutoencoderConfig(in_channels=1, out_channels=1, block_out_channels=(32, 64, 128),
                                        layers_per_block=1, latent_channels=4, norm_groups=16),

@@ -166,11 +166,14 @@ class CLIPModel(nn.Module):
         _, pooled = self.text(ids, mask)  # (B, Dt)
         return F.normalize(self.text_proj(pooled), dim=-1)  # (B, E)
 
-    def tokenize(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _require_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:
             raise RuntimeError("this CLIPModel has no tokenizer; pass one to CLIPModel(config, tokenizer) "
                                "or call set_tokenizer(Tokenizer.load('<stage dir>/tokenizer.json'))")
-        ids, mask = self.tokenizer(prompts)
+        return self.tokenizer
+
+    def tokenize(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, mask = self._require_tokenizer()(prompts)
         return ids.to(self.device), mask.to(self.device)
 
     def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
@@ -183,9 +186,7 @@ class CLIPModel(nn.Module):
 
     def text_encoder(self) -> "CLIPTextEncoder":
         """A frozen snapshot of the text tower (+ projection and tokenizer) implementing the text-encoder interface."""
-        if self.tokenizer is None:
-            self.tokenize([])  # raises the missing-tokenizer error
-        return CLIPTextEncoder(self.text, self.text_proj, self.tokenizer)
+        return CLIPTextEncoder(self.text, self.text_proj, self._require_tokenizer())
 
 
 class CLIPTextEncoder(nn.Module):

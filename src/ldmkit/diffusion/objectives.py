@@ -116,14 +116,14 @@ def vp_loss(backbone: Callable, x0: torch.Tensor, noise: torch.Tensor, u: torch.
     """eps / v / x0 regression on a VP schedule (Ho et al. 2020 eq. 14; Salimans & Ho 2022). (B,)."""
     schedule = objective.get_schedule()
     k = (u.cpu() * schedule.num_steps).long().clamp(max=schedule.num_steps - 1)  # (B,) discrete timestep
-    abar = schedule.alphas_cumprod[k].to(x0.device)  # (B,) float64
+    abar = schedule.alphas_cumprod[k].to(x0.device, torch.float32)  # (B,)
     a, s = _bcast(abar.sqrt(), x0), _bcast((1 - abar).sqrt(), x0)
     x_t = a * x0 + s * noise  # q(x_t | x0), eq. 4
     target = {"eps": noise, "v": a * noise - s * x0, "x0": x0}[objective.kind]
     out = backbone(x_t, k.to(x0.device, torch.float32), drop=drop, **cond)
     loss = mean_flat((out.float() - target.float()) ** 2)  # (B,)
     if objective.min_snr_gamma is not None:
-        loss = loss * min_snr_weight((abar / (1 - abar)).float(), objective.kind, objective.min_snr_gamma)
+        loss = loss * min_snr_weight(abar / (1 - abar), objective.kind, objective.min_snr_gamma)
     return loss
 
 

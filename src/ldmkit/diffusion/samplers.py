@@ -81,10 +81,10 @@ def _check(x: torch.Tensor, sigmas: torch.Tensor) -> list[float]:
     if sigmas.dim() != 1 or len(sigmas) < 2:
         raise ValueError(f"sigmas must be a 1-D tensor with at least 2 entries, got shape {tuple(sigmas.shape)}")
     s = [float(v) for v in sigmas]
-    if any(math.isnan(v) or v < 0 for v in s) or any(b > a for a, b in zip(s, s[1:])) or math.isinf(s[-1]):
-        raise ValueError(f"sigmas must be non-negative and non-increasing (only the first may be inf), got {s}")
     if any(math.isinf(v) for v in s[1:]):
-        raise ValueError("only sigmas[0] may be inf (pure noise)")
+        raise ValueError(f"only sigmas[0] may be inf (pure noise), got {s}")
+    if any(math.isnan(v) or v < 0 for v in s) or any(b >= a for a, b in zip(s, s[1:])):
+        raise ValueError(f"sigmas must be non-negative and strictly decreasing, got {s}")
     if not torch.isfinite(x).all():
         raise ValueError("x contains inf/nan; at sigma = inf pass the unit noise itself (see prior_noise)")
     return s

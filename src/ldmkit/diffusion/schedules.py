@@ -165,13 +165,13 @@ class VPSchedule:
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
         """sigma -> continuous timestep in [0, T-1] (inverse of `sigma_at`, clamped; inf -> T-1). Same dtype."""
         s = torch.as_tensor(sigma)
-        log_s = s.double().clamp_min(1e-30).log()
-        table = self.log_sigmas.to(s.device)
+        log_s = s.detach().cpu().double().clamp_min(1e-30).log()  # tiny (B,): float64 on the CPU
+        table = self.log_sigmas
         lo = (torch.searchsorted(table, log_s, right=True) - 1).clamp(0, self.num_steps - 2)
         a, b = table[lo], table[lo + 1]
         w = ((log_s - a) / (b - a)).nan_to_num(0.0).clamp(0, 1)  # b = inf gives 0 (or nan for s = inf)
-        t = torch.where(torch.isinf(s), torch.full_like(log_s, self.num_steps - 1), lo + w)
-        return t.to(s.dtype if s.is_floating_point() else torch.float32)
+        t = torch.where(torch.isinf(log_s), torch.full_like(log_s, self.num_steps - 1), lo + w)
+        return t.to(s.device, s.dtype if s.is_floating_point() else torch.float32)
 
     def model_time(self, sigma: torch.Tensor) -> torch.Tensor:
         """Backbone time input for VP models: the continuous timestep in [0, T-1]."""

@@ -42,14 +42,14 @@ class EvalClassifierConfig:
     in_channels: int = 1  # grey images
     num_classes: int = 10  # Fashion-MNIST classes
     widths: tuple[int, ...] = (32, 64, 128)  # channels per stage; every stage but the last ends in a 2x2 max-pool
-    convs_per_stage: int = 2  # 3x3 conv-BN-ReLU layers per stage
+    depths: tuple[int, ...] = (1, 2, 2)  # 3x3 conv-BN-ReLU layers per stage (28x28, 14x14, 7x7)
     dropout: float = 0.3  # dropout before the linear head (features are taken before it)
     pixel_mean: float = 0.2860  # Fashion-MNIST training-set mean of x / 255
     pixel_std: float = 0.3530  # Fashion-MNIST training-set std of x / 255
 
 
 PRESETS = {
-    "tiny": EvalClassifierConfig(widths=(8, 16), convs_per_stage=1),
+    "tiny": EvalClassifierConfig(widths=(8, 16), depths=(1, 1)),
     "fashion": EvalClassifierConfig(),
 }
 
@@ -64,9 +64,12 @@ class EvalClassifier(nn.Module):
     def __init__(self, config: EvalClassifierConfig):
         super().__init__()
         self.config = config
+        if len(config.widths) != len(config.depths) or min(config.depths, default=0) < 1:
+            raise ValueError(f"widths {config.widths} and depths {config.depths} must have one entry per stage, "
+                             "each depth >= 1")
         layers, c = [], config.in_channels
-        for i, w in enumerate(config.widths):
-            for _ in range(config.convs_per_stage):
+        for i, (w, depth) in enumerate(zip(config.widths, config.depths)):
+            for _ in range(depth):
                 layers.append(conv_bn_relu(c, w))
                 c = w
             if i < len(config.widths) - 1:
@@ -192,14 +195,14 @@ def train_eval_classifier(train_images, train_labels, test_images, test_labels, 
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=lr)
-    model.train()
+    model.train().to(memory_format=torch.channels_last)  # ~1.5x faster convolutions on CPU
     order, pos, t0 = torch.randperm(x.shape[0], generator=gen), 0, time.time()
     for step in range(steps):
         if pos + batch_size > order.numel():
             order, pos = torch.randperm(x.shape[0], generator=gen), 0
         idx = order[pos:pos + batch_size]
         pos += batch_size
-        xb = augment(x[idx], gen) if augmentation else x[idx]
+        xb = (augment(x[idx], gen) if augmentation else x[idx]).contiguous(memory_format=torch.channels_last)
         loss = F.cross_entropy(model(xb), y[idx], label_smoothing=label_smoothing)
         for g in opt.param_groups:
             g["lr"] = lr_schedule(step, steps, lr)
@@ -209,7 +212,7 @@ def train_eval_classifier(train_images, train_labels, test_images, test_labels, 
         if progress and (step % 200 == 0 or step == steps - 1):
             ms = 1000 * (time.time() - t0) / (step + 1)
             print(f"step {step} | loss {loss.item():.4f} | lr {opt.param_groups[0]['lr']:.1e} | {ms:.0f} ms/step")
-    model.eval()
+    model.eval().to(memory_format=torch.contiguous_format)  # contiguous weights (safetensors needs them)
     return model, accuracy(model, test_images, test_labels)
 
 

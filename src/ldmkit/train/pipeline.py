@@ -38,11 +38,11 @@ class PipelinePreset:
 
 
 PRESETS = {
-    "tiny": PipelinePreset(data="shapes", autoencoder=StagePlan("tiny", 2), clip=StagePlan("tiny", 2),
-                           denoiser=StagePlan("tiny", 2), classifier=StagePlan("tiny", 1), steps=4),
-    "tiny-fashion": PipelinePreset(data="fashion-mnist", autoencoder=StagePlan("tiny", 2), clip=StagePlan("tiny", 2),
-                                   denoiser=StagePlan("tiny", 2), classifier=StagePlan("tiny", 1),
-                                   eval_classifier=StagePlan("tiny", 2), steps=4),
+    "tiny": PipelinePreset(data="shapes", autoencoder=StagePlan("tiny", 0), clip=StagePlan("tiny", 0),
+                           denoiser=StagePlan("tiny", 0), classifier=StagePlan("tiny", 0), steps=4),
+    "tiny-fashion": PipelinePreset(data="fashion-mnist", autoencoder=StagePlan("tiny", 0), clip=StagePlan("tiny", 0),
+                                   denoiser=StagePlan("tiny", 0), classifier=StagePlan("tiny", 0),
+                                   eval_classifier=StagePlan("tiny", 0), steps=4),
     "fashion-mnist": PipelinePreset(data="fashion-mnist", autoencoder=StagePlan("fashion-mnist", 12),
                                     clip=StagePlan("fashion-mnist", 8), denoiser=StagePlan("fashion-mnist", 20),
                                     classifier=StagePlan("fashion-mnist", 5),

@@ -1,0 +1,219 @@
+"""`ldmkit train autoencoder`: the KL autoencoder with pixel, KL, perceptual and adversarial losses.
+
+Rombach et al. 2022 (appendix G) and Esser et al. 2021: each step is a generator step (reconstruction L1/L2 +
+kl_weight * KL + LPIPS, plus the adaptively weighted PatchGAN term once `loss.disc_start` is reached) followed,
+once the GAN is on, by a discriminator step with its own optimizer. The perceptual distance uses a small feature
+network trained on the training images at the start of the run (`lpips_featnet.safetensors` in the stage
+directory, reused on resume; see ldmkit.autoencoder.featnet) unless `loss.featnet_path` or VGG16 weights are given.
+
+At the end the EMA autoencoder encodes the training images (or the first `stats_images` of them) and the latent
+scale factor is set to 1 / std of posterior samples z ~ q(z|x) (Rombach et al. 2022, sec. 4.3.2), computed exactly
+from the posterior moments. Like Stable Diffusion we subtract no shift by default (`latent_shift=False`,
+shift_factor 0): with a near-zero latent mean a shift changes little, and the denoiser then sees z * scale as is.
+metrics.json gets scale_factor, shift_factor, the latent mean, and the test PSNR of the exported (EMA) weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ldmkit.autoencoder import PRESETS as AE_PRESETS, AutoencoderConfig, AutoencoderKL
+from ldmkit.autoencoder.loss import (PRESETS as LOSS_PRESETS, LossConfig, build_discriminator, disc_factor,
+                                     discriminator_loss, generator_loss, init_output_logvar)
+from ldmkit.diffusion.samplers import example_seed
+from ldmkit.train import common
+from ldmkit.train.args import load_data, resolve_config, train_parser
+from ldmkit.train.common import TrainConfig
+
+FEATNET_FILE = "lpips_featnet.safetensors"
+NOISE_STREAM = 5  # example_seed stream of the posterior draws (other stages use 0-3)
+
+
+@dataclass(frozen=True)
+class AutoencoderStage:
+    model: AutoencoderConfig = field(default_factory=lambda: AE_PRESETS["fashion-mnist"])
+    loss: LossConfig = field(default_factory=lambda: LOSS_PRESETS["fashion-mnist"])
+    train: TrainConfig = field(default_factory=TrainConfig)
+    disc_lr: float = 2e-4                      # discriminator AdamW learning rate (constant)
+    disc_betas: tuple[float, float] = (0.5, 0.9)  # discriminator AdamW betas (taming-transformers)
+    channels_from_data: bool = True            # set model/discriminator channels from the dataset (False: must match)
+    latent_shift: bool = False                 # also subtract the latent mean (shift_factor); SD uses none
+    stats_images: int = 20000                  # training images for the scale factor; 0 = all
+    eval_images: int = 0                       # test images for the final PSNR; 0 = all (Fashion-MNIST: 10,000)
+    grid_images: int = 16                      # originals (beside their reconstructions) in the sample grid
+
+
+def _train(**kw) -> TrainConfig:
+    return TrainConfig(**{"log_every": 100, "ckpt_every": 1000, "sample_every": 1000, **kw})
+
+
+PRESETS = {
+    # seconds: tests and the tiny pipelines (shapes and Fashion-MNIST; channels come from the data)
+    "tiny": AutoencoderStage(model=AE_PRESETS["tiny"], loss=LOSS_PRESETS["tiny"], stats_images=256,
+                             eval_images=256, grid_images=8,
+                             train=TrainConfig(steps=20, batch_size=16, lr=1e-3, warmup_steps=2, log_every=5,
+                                               ckpt_every=10, ema_halflife_steps=5)),
+    # 32x32 -> 8x8x4 (factor 4), L1 + 1e-6 KL + featnet LPIPS + PatchGAN; ~12 minutes on an idle 2-core CPU
+    "fashion-mnist": AutoencoderStage(
+        model=AE_PRESETS["fashion-mnist"],
+        loss=dataclasses.replace(LOSS_PRESETS["fashion-mnist"], disc_start=3000),
+        train=_train(steps=4000, batch_size=64, lr=1e-3, warmup_steps=100, ema_halflife_steps=100,
+                     precision="bf16", max_minutes=12)),
+    "shapes": AutoencoderStage(
+        model=AE_PRESETS["shapes"],
+        loss=dataclasses.replace(LOSS_PRESETS["shapes"], disc_start=3000),
+        train=_train(steps=4000, batch_size=64, lr=1e-3, warmup_steps=100, ema_halflife_steps=100,
+                     precision="bf16", max_minutes=12)),
+}
+
+
+def fit_channels(cfg: AutoencoderStage, channels: int) -> AutoencoderStage:
+    """Image channels of the model and discriminator set from the data (or checked, channels_from_data=False)."""
+    m, d = cfg.model, cfg.loss.discriminator
+    if not cfg.channels_from_data:
+        for name, have in (("model.in_channels", m.in_channels), ("model.out_channels", m.out_channels),
+                           ("loss.discriminator.in_channels", d.in_channels)):
+            if have != channels:
+                raise ValueError(f"{name}={have} but the dataset has {channels} channels; set it to {channels} or "
+                                 "--set channels_from_data=true")
+        return cfg
+    return dataclasses.replace(
+        cfg, model=dataclasses.replace(m, in_channels=channels, out_channels=channels),
+        loss=dataclasses.replace(cfg.loss, discriminator=dataclasses.replace(d, in_channels=channels)))
+
+
+def perceptual_module(cfg: AutoencoderStage, out: Path, ds, run):
+    """The frozen LPIPS of the loss. A featnet trained here is saved as DIR/lpips_featnet.safetensors and reused
+    when that file exists with the same training settings (resume, or a rerun of a run that failed early)."""
+    from ldmkit.autoencoder import LPIPS, build_perceptual, load_featnet, save_featnet
+    lc = cfg.loss
+    if lc.perceptual != "featnet" or lc.featnet_path is not None:
+        return build_perceptual(lc)
+    path = out / FEATNET_FILE
+    if path.exists():
+        net = load_featnet(path)
+        info = getattr(net, "train_info", {})
+        if info.get("steps") == lc.featnet_steps and info.get("seed") == lc.featnet_seed:
+            run.print(f"perceptual loss: reusing the featnet in {path}")
+            return LPIPS(net)
+    run.print(f"perceptual loss: training a featnet on the training images ({lc.featnet_steps} steps)")
+    lpips = build_perceptual(lc, ds.images, log=lambda s, loss, acc: run.print(
+        f"featnet step {s} | loss {loss:.4f} | acc {acc:.3f}"))
+    if run.is_main:
+        save_featnet(lpips.backbone, path)
+    return lpips
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = train_parser("ldmkit train autoencoder", __doc__.splitlines()[0], PRESETS, "fashion-mnist")
+    args = p.parse_args(argv)
+    cfg = resolve_config(args, PRESETS)
+    spec, ds = load_data(args)
+    train(cfg, args.out, spec, ds, resume=args.resume, init_from=args.init_from, progress=not args.no_progress)
+    return 0
+
+
+def train(cfg: AutoencoderStage, out, spec: str, ds, resume: bool = False, init_from: str | None = None,
+          progress: bool = True) -> dict:
+    cfg, out = fit_channels(cfg, ds.channels), Path(out)
+    tc, lc = cfg.train, cfg.loss
+    run = common.start_run(out, cfg, tc, "autoencoder", data=spec, resume=resume, init_from=init_from,
+                           progress=progress)
+    lpips = perceptual_module(cfg, out, ds, run)
+    model = AutoencoderKL(cfg.model).to(run.device)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    disc = build_discriminator(lc, ds.channels)
+    logvar = init_output_logvar(lc)
+    modules: dict[str, nn.Module] = {"model": model, "ema": ema}
+    if disc is not None:
+        modules["disc"] = disc.to(run.device)
+    if logvar is not None:
+        modules["logvar"] = nn.ParameterDict({"s": logvar}).to(run.device)
+        logvar = modules["logvar"]["s"]
+    net = common.wrap_ddp(model, run.device)
+    dnet = common.wrap_ddp(disc, run.device) if disc is not None else None
+    opt = common.make_adamw(list(model.parameters()) + ([logvar] if logvar is not None else []), tc)
+    optimizers = {"opt": opt}
+    if disc is not None:
+        optimizers["opt_disc"] = torch.optim.AdamW(disc.parameters(), lr=cfg.disc_lr, betas=cfg.disc_betas,
+                                                   weight_decay=0.0)
+    start = run.restore(modules, optimizers)
+    grid_x = ds.images[:cfg.grid_images]
+    step = start
+    for step in run.steps(start, tc.steps):
+        idx, gidx = common.batch_indices(len(ds), tc.batch_size, step, tc.seed, run.rank, run.world)
+        x = ds.to_float(ds.images[idx]).to(run.device)  # (B, C, H, W) in [-1, 1]
+        gen = torch.Generator(run.device).manual_seed(example_seed(tc.seed, int(gidx[0]), NOISE_STREAM))
+        gan_on = disc is not None and disc_factor(lc, step) > 0
+        common.set_lr(opt, common.lr_at(step, tc))
+        if disc is not None:
+            disc.requires_grad_(False)  # the generator step must not write gradients into the discriminator
+        with common.autocast(run.device, tc.precision):
+            recon, posterior = net(x, sample=True, generator=gen)  # z ~ q(z|x), seeded by (seed, sample index)
+            loss, terms = generator_loss(lc, x, recon, posterior, step, lpips, disc if gan_on else None,
+                                         model.last_layer(), logvar)
+        loss.backward()
+        gnorm = common.clip_grad(opt.param_groups[0]["params"], tc.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        common.ema_update(ema, model, tc.ema_halflife_steps)
+        if gan_on:
+            disc.requires_grad_(True)
+            with common.autocast(run.device, tc.precision):
+                d_loss, d_terms = discriminator_loss(lc, dnet, x, recon, step)  # recon is detached inside
+            d_loss.backward()
+            common.clip_grad(disc.parameters(), tc.grad_clip)
+            optimizers["opt_disc"].step()
+            optimizers["opt_disc"].zero_grad(set_to_none=True)
+            terms.update({f"disc_{k}": v for k, v in d_terms.items()})
+        run.log(step, **{k: v.item() for k, v in terms.items()}, grad_norm=gnorm, lr=opt.param_groups[0]["lr"])
+        if run.is_main and run.should(tc.sample_every, step):
+            save_recon_grid(ema, ds, grid_x, out / f"recon-{step + 1:06d}.png")
+        if run.should(tc.ckpt_every, step):
+            run.save(step + 1, modules, optimizers, ema.state_dict())
+        step += 1
+    metrics = final_metrics(ema, cfg, ds, spec, progress)
+    if run.is_main:
+        save_recon_grid(ema, ds, grid_x, out / "recon.png")
+        run.print(f"scale_factor {metrics['scale_factor']:.4f} | shift_factor {metrics['shift_factor']:.4f} | "
+                  f"test PSNR {metrics.get('test_psnr', float('nan')):.2f} dB")
+    metrics["params"] = sum(p.numel() for p in model.parameters())
+    return run.finish(ema.state_dict(), metrics, step)
+
+
+@torch.no_grad()
+def save_recon_grid(ae: AutoencoderKL, ds, images: torch.Tensor, path: Path) -> None:
+    """Originals beside their posterior-mode reconstructions, four pairs per row."""
+    from ldmkit.images import save_grid
+    device = next(ae.parameters()).device
+    x = ds.to_float(images).to(device)
+    recon = ae.decode(ae.encode(x).mode()).clamp(-1, 1)
+    save_grid(torch.stack([x, recon], 1).flatten(0, 1).cpu(), path, nrow=8)
+
+
+def final_metrics(ema: AutoencoderKL, cfg: AutoencoderStage, ds, spec: str, progress: bool) -> dict:
+    """Latent scale (and shift) from the training set, and the test PSNR of the EMA weights on the native crop."""
+    from ldmkit.eval.autoencoder_eval import latent_statistics, load_test_split, reconstruct
+    from ldmkit.eval.metrics import psnr
+    n = len(ds) if cfg.stats_images <= 0 else min(cfg.stats_images, len(ds))
+    _, acc = reconstruct(ema, ds.images[:n], decode=False)
+    stats = latent_statistics(acc)
+    shift = stats["latent_mean"] if cfg.latent_shift else 0.0
+    out = {"scale_factor": 1.0 / stats["latent_std"], "shift_factor": shift, "latent_mean": stats["latent_mean"],
+           "latent_std": stats["latent_std"], "latent_stats_images": n,
+           "train_kl_per_channel": stats["kl_per_channel"]}
+    try:
+        test = load_test_split(spec, ds.meta.get("data_dir") if spec == "fashion-mnist" else None)
+    except (ValueError, FileNotFoundError):  # e.g. an image folder without a test split
+        return out
+    m = len(test) if cfg.eval_images <= 0 else min(cfg.eval_images, len(test))
+    recon, _ = reconstruct(ema, test.images[:m])
+    out["test_psnr"] = float(psnr(test.crop(test.images[:m]), test.crop(recon)).mean())
+    out["test_psnr_images"] = m
+    return out

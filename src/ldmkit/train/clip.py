@@ -1,0 +1,199 @@
+"""`ldmkit train clip`: CLIP (text transformer + ViT) trained with the symmetric contrastive loss on captions.
+
+The caption tokenizer is trained first, on a seeded sample of training captions, and saved as DIR/tokenizer.json
+(a resumed run loads it instead; `--init-from` takes the other run's). Each step draws one caption per example from
+the dataset's training wordings, seeded by the global sample index (so resumed and multi-process runs see exactly
+the captions of an uninterrupted run), optionally shifts and mirrors the images by a few pixels, and minimises the
+CLIP loss; with several processes the negatives span the whole global batch. The ViT's input channels and size
+come from the dataset. The text tower of the result is the frozen text encoder of the denoiser stage.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ldmkit.conditioning import (CLIPConfig, CLIPModel, TextConfig, Tokenizer, ViTConfig, clip_loss,
+                                 clip_loss_gathered, gather_features, train_tokenizer)
+from ldmkit.diffusion.samplers import example_seed
+from ldmkit.train import common
+from ldmkit.train.args import load_data, resolve_config, train_parser
+from ldmkit.train.common import TrainConfig
+
+CAPTION_STREAM, AUGMENT_STREAM = 2, 3  # example_seed streams of the caption and augmentation draws
+
+
+@dataclass(frozen=True)
+class CLIPStage:
+    model: CLIPConfig = field(default_factory=CLIPConfig)  # towers; vision.channels/image_size are set from the data
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tokenizer_vocab: int = 512        # BPE vocabulary (256 bytes + 4 special tokens + merges); <= text.vocab_size
+    tokenizer_captions: int = 20000   # training captions (seeded sample) the tokenizer is trained on
+    shift: int = 0                    # augmentation: random translation by up to this many pixels (edges replicated)
+    hflip: bool = False               # augmentation: random horizontal flips (only data whose captions allow it)
+    eval_images: int = 2000           # test images for the zero-shot figures in metrics.json; 0 = none
+
+    def __post_init__(self):
+        if self.tokenizer_vocab > self.model.text.vocab_size:
+            raise ValueError(f"tokenizer_vocab={self.tokenizer_vocab} exceeds model.text.vocab_size="
+                             f"{self.model.text.vocab_size}; lower it or raise the text tower's vocabulary")
+        if self.shift < 0 or self.tokenizer_captions < 1 or self.eval_images < 0:
+            raise ValueError(f"CLIPStage needs shift >= 0, tokenizer_captions >= 1 and eval_images >= 0; got "
+                             f"{self.shift}, {self.tokenizer_captions}, {self.eval_images}")
+
+
+PRESETS = {
+    "tiny": CLIPStage(
+        model=CLIPConfig(text=TextConfig(vocab_size=512, max_length=40, width=32, layers=2, heads=2),
+                         vision=ViTConfig(image_size=32, channels=3, patch_size=8, width=32, layers=2, heads=2),
+                         embed_dim=32),
+        train=TrainConfig(steps=24, batch_size=32, lr=2e-3, warmup_steps=4, log_every=8, ckpt_every=12),
+        tokenizer_vocab=512, tokenizer_captions=2000, shift=1, eval_images=256),
+    "fashion-mnist": CLIPStage(
+        model=CLIPConfig(text=TextConfig(vocab_size=512, max_length=40, width=128, layers=2, heads=4),
+                         vision=ViTConfig(image_size=32, channels=1, patch_size=4, width=128, layers=4, heads=4,
+                                          pool="mean"),
+                         embed_dim=128),
+        train=TrainConfig(steps=1200, batch_size=256, lr=1e-3, warmup_steps=100, weight_decay=0.05,
+                          betas=(0.9, 0.98), ema_halflife_steps=50, precision="bf16", log_every=50,
+                          ckpt_every=200, max_minutes=8),
+        shift=2, hflip=True),
+    "shapes": CLIPStage(
+        model=CLIPConfig(text=TextConfig(vocab_size=512, max_length=40, width=128, layers=3, heads=4),
+                         vision=ViTConfig(image_size=32, channels=3, patch_size=4, width=128, layers=4, heads=4,
+                                          pool="mean"),
+                         embed_dim=128),
+        train=TrainConfig(steps=1500, batch_size=256, lr=1e-3, warmup_steps=100, weight_decay=0.05,
+                          betas=(0.9, 0.98), ema_halflife_steps=50, precision="bf16", log_every=50,
+                          ckpt_every=250, max_minutes=8),
+        shift=1),
+}
+
+
+def fit_to_data(cfg: CLIPStage, ds) -> CLIPStage:
+    """The stage config with the ViT's channels and image size taken from the dataset (checked)."""
+    h, w = ds.image_size
+    if h != w:
+        raise ValueError(f"{ds.name}: CLIP's ViT needs square images, got {h}x{w}; load the data with a square "
+                         "image_size")
+    if cfg.hflip and "position" in ds.labels:
+        raise ValueError(f"hflip=true would contradict the left/right positions in {ds.name}'s captions; "
+                         "use --set hflip=false")
+    vision = dataclasses.replace(cfg.model.vision, channels=ds.channels, image_size=h)
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vision=vision))
+
+
+def caption_sample(ds, n: int, seed: int) -> list[str]:
+    """`n` training captions of randomly chosen examples, seeded (the tokenizer's training text)."""
+    rng = random.Random(seed)
+    return [ds.caption(rng.randrange(len(ds)), rng) for _ in range(n)]
+
+
+def prepare_tokenizer(cfg: CLIPStage, ds, out: Path, run, resume: bool, init_from: str | None) -> Tokenizer:
+    """Load DIR/tokenizer.json (resume) or the --init-from run's, else train one; rank 0 writes it atomically."""
+    import torch.distributed as dist
+    from ldmkit.checkpoint import atomic_path
+    path = out / "tokenizer.json"
+    if resume or init_from:
+        src = path if resume else Path(init_from) / "tokenizer.json"
+        if not src.is_file():
+            raise FileNotFoundError(f"{src} not found: {'--resume' if resume else '--init-from'} needs the "
+                                    "tokenizer of that CLIP run; start a fresh run with another --out")
+        tok = Tokenizer.load(src)
+    elif run.is_main:
+        texts = caption_sample(ds, cfg.tokenizer_captions, cfg.train.seed)
+        tok = train_tokenizer(texts, cfg.tokenizer_vocab, cfg.model.text.max_length)
+    if run.is_main and not resume:
+        with atomic_path(path) as tmp:
+            tok.save(tmp)
+    if run.world > 1:
+        dist.barrier()
+        if not run.is_main and not (resume or init_from):
+            tok = Tokenizer.load(path)
+    return tok
+
+
+def augment(x: torch.Tensor, gidx: torch.Tensor, seed: int, shift: int, hflip: bool) -> torch.Tensor:
+    """Per-example random translation by up to `shift` px (edge pixels replicated) and optional mirror.
+
+    Draws are seeded by (seed, global sample index), so they do not depend on batch layout or resumption.
+    """
+    if shift == 0 and not hflip:
+        return x
+    B, C, H, W = x.shape
+    rngs = [random.Random(example_seed(seed, int(g), AUGMENT_STREAM)) for g in gidx]
+    d = torch.tensor([[r.randint(-shift, shift), r.randint(-shift, shift), hflip and r.random() < 0.5]
+                      for r in rngs])  # (B, 3): dy, dx, flip
+    xp = F.pad(x, (shift, shift, shift, shift), mode="replicate")  # (B, C, H + 2s, W + 2s)
+    rows = torch.arange(H) + shift - d[:, :1]  # (B, H) source rows
+    cols = torch.arange(W) + shift - d[:, 1:2]  # (B, W) source columns
+    cols = torch.where(d[:, 2:].bool(), cols.flip(1), cols)  # mirrored rows read right to left
+    b = torch.arange(B)[:, None, None]
+    out = xp[b, :, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
+    return out.permute(0, 3, 1, 2).contiguous()  # (B, C, H, W)
+
+
+def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, world: int) -> torch.Tensor:
+    """Mean CLIP loss in fp32; with several processes the negatives are the features of every rank."""
+    img, txt = img.float(), txt.float()
+    if world > 1:
+        all_img, offset = gather_features(img)
+        all_txt, _ = gather_features(txt)
+        return clip_loss_gathered(img, txt, all_img, all_txt, offset, scale).mean()
+    return clip_loss(img, txt, scale).mean()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = train_parser("ldmkit train clip", __doc__.splitlines()[0], PRESETS, "fashion-mnist")
+    args = p.parse_args(argv)
+    cfg = resolve_config(args, PRESETS)
+    spec, ds = load_data(args)
+    train(cfg, args.out, spec, ds, resume=args.resume, init_from=args.init_from, progress=not args.no_progress)
+    return 0
+
+
+def train(cfg: CLIPStage, out, spec: str, ds, resume: bool = False, init_from: str | None = None,
+          progress: bool = True) -> dict:
+    cfg = fit_to_data(cfg, ds)
+    tc, out = cfg.train, Path(out)
+    run = common.start_run(out, cfg, tc, "clip", data=spec, resume=resume, init_from=init_from, progress=progress)
+    tok = prepare_tokenizer(cfg, ds, out, run, resume, init_from)
+    model = CLIPModel(cfg.model, tok).to(run.device)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    net = common.wrap_ddp(model, run.device)
+    opt = common.make_adamw(model.parameters(), tc)
+    start = run.restore({"model": model, "ema": ema}, {"opt": opt})
+    export = ema if tc.ema_halflife_steps > 0 else model
+    step, loss, scale = start, torch.zeros(()), model.logit_scale()
+    for step in run.steps(start, tc.steps):
+        idx, gidx = common.batch_indices(len(ds), tc.batch_size, step, tc.seed, run.rank, run.world)
+        x = augment(ds.to_float(ds.images[idx]), gidx, tc.seed, cfg.shift, cfg.hflip).to(run.device)
+        captions = [ds.caption(int(i), random.Random(example_seed(tc.seed, int(g), CAPTION_STREAM)))
+                    for i, g in zip(idx, gidx)]
+        ids, mask = tok(captions)
+        common.set_lr(opt, common.lr_at(step, tc))
+        with common.autocast(run.device, tc.precision):
+            img, txt, scale = net(x, ids.to(run.device), mask.to(run.device))  # (B, E), (B, E), ()
+        loss = contrastive_loss(img, txt, scale, run.world)
+        loss.backward()
+        common.clip_grad(model.parameters(), tc.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        model.clamp_logit_scale_()
+        common.ema_update(ema, model, tc.ema_halflife_steps)
+        run.log(step, loss=loss.item(), logit_scale=scale.item(), lr=opt.param_groups[0]["lr"])
+        if run.should(tc.ckpt_every, step):
+            run.save(step + 1, {"model": model, "ema": ema}, {"opt": opt}, export.state_dict())
+        step += 1
+    metrics = {"final_loss": loss.item(), "logit_scale": float(model.logit_scale()),
+               "params": sum(p.numel() for p in model.parameters())}
+    if run.is_main and cfg.eval_images:
+        from ldmkit.eval.clip_cli import quick_metrics
+        metrics.update(quick_metrics(export.eval(), spec, ds, cfg.eval_images))
+    return run.finish(export.state_dict(), metrics, step)
