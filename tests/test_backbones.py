@@ -18,6 +18,15 @@ from ldmkit.nn import count_params
 BACKBONES = {"unet": (UNet, UNET_PRESETS["tiny"]), "dit": (DiT, DIT_PRESETS["tiny"])}
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from a second thread; on a loaded 2-core machine its barriers cost ~30x."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def build(name, seed=0):
     cls, cfg = BACKBONES[name]
     torch.manual_seed(seed)
@@ -154,9 +163,9 @@ def test_tiny_model_overfits_a_small_batch(name):
     model = build(name).train()
     inp = inputs(model, B=8)
     target = torch.randn(8, 4, 8, 8, generator=torch.Generator().manual_seed(7))
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     start, losses = time.perf_counter(), []
-    for _ in range(300):
+    for _ in range(60):
         opt.zero_grad()
         loss = F.mse_loss(run(model, inp), target)
         loss.backward()
@@ -170,7 +179,7 @@ def test_tiny_model_overfits_a_small_batch(name):
 def test_bf16_autocast_forward_backward(name):
     model = randomize(build(name)).train()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = run(model, inputs(model))
+        y = run(model, inputs(model), drop=torch.tensor([True, False, False, False]))
     y.float().square().mean().backward()
     assert y.shape == (4, 4, 8, 8) and torch.isfinite(y.float()).all()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
@@ -223,7 +232,7 @@ def test_config_validation():
 
 def test_presets_sizes():
     assert 2.5e6 <= count_params(UNet(UNET_PRESETS["fashion-mnist"])) <= 4.2e6
-    assert 2.5e6 <= count_params(DiT(DIT_PRESETS["fashion-mnist"])) <= 4.5e6
+    assert 2.5e6 <= count_params(DiT(DIT_PRESETS["fashion-mnist"])) <= 4.2e6
     assert count_params(UNet(UNET_PRESETS["shapes"])) > 0
 
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from ldmkit.checkpoint import read_json
 from ldmkit.diffusion.objectives import make_denoiser
 from ldmkit.diffusion.samplers import example_generators, get_sampler, randn
-from ldmkit.guidance.cfg import guided_denoiser
+from ldmkit.guidance.cfg import APGConfig, guided_denoiser
 from ldmkit.guidance.classifier import classifier_grad_fn, classifier_guidance
 
 MICRO_BATCH = 16  # every network call runs on chunks of exactly this many rows (padded), for batch invariance
@@ -41,6 +41,7 @@ class Guidance:
     interval: tuple[float, float] | None = None  # guide only for sigma in (lo, hi]; None = every step
     negative_prompt: str | None = None       # replaces the unconditional prediction for every prompt
     classifier_scale: float = 0.0            # classifier guidance strength s; 0 = off
+    apg: APGConfig = APGConfig(eta=0.0, momentum=-0.5)  # mode="apg": Sadat et al.'s eta = 0, beta = -0.5
 
 
 def fixed_chunks(fn, micro: int = MICRO_BATCH):
@@ -103,7 +104,7 @@ def sample_latents(backbone, objective, encode: PromptEncoder, prompts: Sequence
     uncond = encode([guidance.negative_prompt]) if guidance.negative_prompt is not None else \
         {**cond, "drop": torch.ones(len(prompts), dtype=torch.bool)}
     fn = guided_denoiser(denoise, cond, uncond, guidance.scale, mode=guidance.mode, rescale=guidance.rescale,
-                         interval=guidance.interval, rescale_space=_space(objective))
+                         interval=guidance.interval, rescale_space=_space(objective), apg=guidance.apg)
     if guidance.classifier_scale:
         if classifier is None or class_labels is None:
             raise ValueError("classifier guidance needs a pipeline with classifier/ and a class per prompt "
@@ -227,12 +228,13 @@ class Pipeline:
     def __call__(self, prompts: Sequence[str] | str, num: int = 1, *, negative_prompt: str | None = None,
                  guidance: float | None = None, guidance_mode: str = "cfg", guidance_rescale: float = 0.0,
                  guidance_interval: tuple[float, float] | None = None, classifier_scale: float = 0.0,
-                 class_label: int | None = None, **kw) -> np.ndarray:
+                 class_label: int | None = None, apg: APGConfig | None = None, **kw) -> np.ndarray:
         """`num` images per prompt, rows prompt by prompt -> uint8 (N, H, W, C) at the dataset's native size."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         rows = [p for p in prompts for _ in range(num)]
         g = self.guidance(guidance, mode=guidance_mode, rescale=guidance_rescale, interval=guidance_interval,
-                          negative_prompt=negative_prompt, classifier_scale=classifier_scale)
+                          negative_prompt=negative_prompt, classifier_scale=classifier_scale,
+                          **({} if apg is None else {"apg": apg}))
         labels = self.class_labels(rows, class_label) if classifier_scale else None
         return self.generate(rows, guidance=g, class_labels=labels, **kw)
 

@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="guide only for sigma in (LO, HI]")
     p.add_argument("--guidance-rescale", type=float, default=0.0, metavar="PHI", help="guidance rescale phi")
     p.add_argument("--guidance-mode", choices=["cfg", "apg"], default="cfg")
+    p.add_argument("--apg-eta", type=float, default=0.0, help="APG: weight of the update parallel to D_c")
+    p.add_argument("--apg-momentum", type=float, default=-0.5, help="APG: momentum beta (negative)")
+    p.add_argument("--apg-threshold", type=float, default=0.0, help="APG: norm threshold r (0 = off)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -80,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= args.num <= 10000:
         print(f"ldmkit sample: --num {args.num} must lie in 1..10000", file=sys.stderr)
         return 2
+    from ldmkit.guidance.cfg import APGConfig
     from ldmkit.pipeline import Pipeline
     pipe = Pipeline.load(args.pipeline)
     guidance = pipe.defaults["guidance"] if args.guidance is None else args.guidance
@@ -88,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     images = pipe(args.prompt, args.num, negative_prompt=args.negative_prompt, guidance=guidance,
                   guidance_mode=args.guidance_mode, guidance_rescale=args.guidance_rescale,
                   guidance_interval=args.guidance_interval, classifier_scale=args.classifier_scale,
-                  class_label=args.class_label, steps=steps, sampler=sampler, seed=args.seed,
+                  class_label=args.class_label, apg=APGConfig(args.apg_eta, args.apg_momentum, args.apg_threshold),
+                  steps=steps, sampler=sampler, seed=args.seed,
                   batch_size=args.batch_size, progress=not args.no_progress)
     rows = [p for p in args.prompt for _ in range(args.num)]
     labels = labels_for(rows)

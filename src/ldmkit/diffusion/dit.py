@@ -48,7 +48,7 @@ class DiTConfig:
     input_size: int = 8  # latent height = width
     patch_size: int = 2  # p: tokens are p x p patches (1 or 2 for small latents)
     width: int = 192  # token width D
-    depth: int = 5  # number of transformer blocks
+    depth: int = 4  # number of transformer blocks
     head_dim: int = 64  # width per attention head (heads = width // head_dim)
     mlp_ratio: float = 4.0  # MLP hidden width as a multiple of D
     context_dim: int = 128  # width of the text tokens (the text encoder's context_dim)
@@ -97,7 +97,7 @@ class DiTBlock(nn.Module):
         x = x + gate1[:, None] * self.proj(attention(q, k, v, self.heads))
         k, v = self.kv(context).chunk(2, dim=-1)  # 2 x (B, T, D)
         x = x + self.out(attention(self.q(self.norm2(x)), k, v, self.heads, mask))
-        h = self.fc2(self.drop(F.gelu(self.fc1(modulate(self.norm3(x), shift2, scale2)), approximate="tanh")))
+        h = self.fc2(self.drop(F.silu(self.fc1(modulate(self.norm3(x), shift2, scale2)))))
         return x + gate2[:, None] * h
 
 

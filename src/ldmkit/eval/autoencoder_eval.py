@@ -103,8 +103,9 @@ def reconstruct(ae, images: torch.Tensor, batch_size: int = 256,
 def latent_statistics(acc: dict[str, torch.Tensor]) -> dict:
     """Mean and std of posterior samples (all elements), mean KL and active fraction per channel."""
     n, hw = acc["n"], acc["hw"]
-    mean = acc["mu"].sum() / (n * hw)
-    second = acc["second"].sum() / (n * hw)
+    elements = n * hw * acc["mu"].numel()  # images x positions x channels
+    mean = acc["mu"].sum() / elements
+    second = acc["second"].sum() / elements
     pos_var = acc["pos_mu2"] / n - (acc["pos_mu"] / n).square()  # (c, h, w) Var_x(E[z|x]) per unit
     return {"latent_mean": float(mean), "latent_std": float((second - mean.square()).clamp_min(0).sqrt()),
             "latent_mean_per_channel": (acc["mu"] / (n * hw)).tolist(),

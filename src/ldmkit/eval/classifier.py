@@ -178,12 +178,13 @@ def predict(model: EvalClassifier, images, batch_size: int = 500) -> tuple[torch
 def train_eval_classifier(train_images, train_labels, test_images, test_labels, steps: int = 3000,
                           batch_size: int = 128, seed: int = 0, progress: bool = True,
                           config: EvalClassifierConfig | None = None, lr: float = 3e-3,
-                          weight_decay: float = 5e-4, label_smoothing: float = 0.1,
-                          augmentation: bool = True) -> tuple[EvalClassifier, float]:
+                          weight_decay: float = 0.05, label_smoothing: float = 0.1,
+                          augmentation: bool = True, bf16: bool = True) -> tuple[EvalClassifier, float]:
     """Train the evaluation classifier with AdamW and a one-cycle schedule; returns (model in eval mode, test acc).
 
     Images are uint8 (N, 28, 28, 1); labels int (N,). Batches are drawn by seeded per-epoch permutations and
-    augmented with random flips and shifts of up to 2 pixels.
+    augmented with random flips and shifts of up to 2 pixels. `bf16` runs the training forward under bfloat16
+    autocast (about 1.5x faster convolutions on CPUs with bf16 units); evaluation and `features` stay float32.
     """
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -203,7 +204,9 @@ def train_eval_classifier(train_images, train_labels, test_images, test_labels, 
         idx = order[pos:pos + batch_size]
         pos += batch_size
         xb = (augment(x[idx], gen) if augmentation else x[idx]).contiguous(memory_format=torch.channels_last)
-        loss = F.cross_entropy(model(xb), y[idx], label_smoothing=label_smoothing)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = model(xb)
+        loss = F.cross_entropy(logits.float(), y[idx], label_smoothing=label_smoothing)
         for g in opt.param_groups:
             g["lr"] = lr_schedule(step, steps, lr)
         opt.zero_grad(set_to_none=True)
@@ -220,6 +223,8 @@ def accuracy(model: EvalClassifier, images, labels, batch_size: int = 500) -> fl
     """Fraction of images whose argmax class equals the label (labels int (N,))."""
     logits, _ = predict(model, images, batch_size)
     y = torch.as_tensor(np.asarray(labels)).long()
+    if y.shape != (logits.shape[0],):
+        raise ValueError(f"labels must have shape ({logits.shape[0]},) to match the images, got {tuple(y.shape)}")
     return (logits.argmax(1) == y).double().mean().item()
 
 

@@ -150,8 +150,7 @@ def evaluate(model, spec: str, data_dir: str | None = None, num: int = 1000, bat
         txt = text_features(model, caps)
         out.update(retrieval_by_key(feats[:n], txt, caps))
         classes = test.labels["class"][:n].tolist()
-        out.update({k: v for k, v in retrieval_by_key(feats[:n], txt, caps, classes, ks=(1,), suffix="_class")
-                    .items()})
+        out.update(retrieval_by_key(feats[:n], txt, caps, classes, ks=(1,), suffix="_class"))
         return out
     caps = test.captions(range(n))  # canonical
     out.update(retrieval_by_key(feats[:n], text_features(model, caps), caps))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import random
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,15 +38,17 @@ class CLIPStage:
     tokenizer_captions: int = 20000   # training captions (seeded sample) the tokenizer is trained on
     shift: int = 0                    # augmentation: random translation by up to this many pixels (edges replicated)
     hflip: bool = False               # augmentation: random horizontal flips (only data whose captions allow it)
+    caption_noise: float = 0.0        # probability of inserting 1-3 random letter strings into a training caption
     eval_images: int = 2000           # test images for the zero-shot figures in metrics.json; 0 = none
 
     def __post_init__(self):
         if self.tokenizer_vocab > self.model.text.vocab_size:
             raise ValueError(f"tokenizer_vocab={self.tokenizer_vocab} exceeds model.text.vocab_size="
                              f"{self.model.text.vocab_size}; lower it or raise the text tower's vocabulary")
-        if self.shift < 0 or self.tokenizer_captions < 1 or self.eval_images < 0:
-            raise ValueError(f"CLIPStage needs shift >= 0, tokenizer_captions >= 1 and eval_images >= 0; got "
-                             f"{self.shift}, {self.tokenizer_captions}, {self.eval_images}")
+        if self.shift < 0 or self.tokenizer_captions < 1 or self.eval_images < 0 or not 0 <= self.caption_noise <= 1:
+            raise ValueError(f"CLIPStage needs shift >= 0, tokenizer_captions >= 1, eval_images >= 0 and "
+                             f"0 <= caption_noise <= 1; got {self.shift}, {self.tokenizer_captions}, "
+                             f"{self.eval_images}, {self.caption_noise}")
 
 
 PRESETS = {
@@ -119,6 +122,21 @@ def prepare_tokenizer(cfg: CLIPStage, ds, out: Path, run, resume: bool, init_fro
     return tok
 
 
+def noisy_caption(caption: str, rng: random.Random, p: float) -> str:
+    """With probability p, 1-3 random lower-case strings (3-8 letters) inserted between the caption's words.
+
+    They stand for words the tokenizer never saw (which it splits into rarely trained pieces), so the text tower
+    learns to read the caption's content through unknown words instead of relying on the exact training wordings.
+    """
+    if p <= 0 or rng.random() >= p:
+        return caption
+    words = caption.split(" ")
+    for _ in range(rng.randint(1, 3)):
+        junk = "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 8)))
+        words.insert(rng.randint(0, len(words)), junk)
+    return " ".join(words)
+
+
 def augment(x: torch.Tensor, gidx: torch.Tensor, seed: int, shift: int, hflip: bool) -> torch.Tensor:
     """Per-example random translation by up to `shift` px (edge pixels replicated) and optional mirror.
 
@@ -140,13 +158,20 @@ def augment(x: torch.Tensor, gidx: torch.Tensor, seed: int, shift: int, hflip: b
 
 
 def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, world: int) -> torch.Tensor:
-    """Mean CLIP loss in fp32; with several processes the negatives are the features of every rank."""
+    """The CLIP loss of the global batch in fp32, to backpropagate; its value is `world` times the mean loss.
+
+    With W processes the negatives span every rank. Each rank's features carry only their own share of the
+    full-batch gradient, so the loss is multiplied by W and DDP's gradient mean gives the towers the full-batch
+    gradient; the temperature, which every rank sees whole, has its gradient divided by W to match. A multi-process
+    run thus takes the steps of a single process at the same global batch.
+    """
     img, txt = img.float(), txt.float()
-    if world > 1:
-        all_img, offset = gather_features(img)
-        all_txt, _ = gather_features(txt)
-        return clip_loss_gathered(img, txt, all_img, all_txt, offset, scale).mean()
-    return clip_loss(img, txt, scale).mean()
+    if world == 1:
+        return clip_loss(img, txt, scale).mean()
+    all_img, offset = gather_features(img)  # (N, E), no gradient
+    all_txt, _ = gather_features(txt)
+    scale = scale.detach() + (scale - scale.detach()) / world  # same value, 1/W of the gradient
+    return world * clip_loss_gathered(img, txt, all_img, all_txt, offset, scale).mean()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,8 +199,8 @@ def train(cfg: CLIPStage, out, spec: str, ds, resume: bool = False, init_from: s
     for step in run.steps(start, tc.steps):
         idx, gidx = common.batch_indices(len(ds), tc.batch_size, step, tc.seed, run.rank, run.world)
         x = augment(ds.to_float(ds.images[idx]), gidx, tc.seed, cfg.shift, cfg.hflip).to(run.device)
-        captions = [ds.caption(int(i), random.Random(example_seed(tc.seed, int(g), CAPTION_STREAM)))
-                    for i, g in zip(idx, gidx)]
+        rngs = [random.Random(example_seed(tc.seed, int(g), CAPTION_STREAM)) for g in gidx]
+        captions = [noisy_caption(ds.caption(int(i), r), r, cfg.caption_noise) for i, r in zip(idx, rngs)]
         ids, mask = tok(captions)
         common.set_lr(opt, common.lr_at(step, tc))
         with common.autocast(run.device, tc.precision):
@@ -187,11 +212,11 @@ def train(cfg: CLIPStage, out, spec: str, ds, resume: bool = False, init_from: s
         opt.zero_grad(set_to_none=True)
         model.clamp_logit_scale_()
         common.ema_update(ema, model, tc.ema_halflife_steps)
-        run.log(step, loss=loss.item(), logit_scale=scale.item(), lr=opt.param_groups[0]["lr"])
+        run.log(step, loss=loss.item() / run.world, logit_scale=scale.item(), lr=opt.param_groups[0]["lr"])
         if run.should(tc.ckpt_every, step):
             run.save(step + 1, {"model": model, "ema": ema}, {"opt": opt}, export.state_dict())
         step += 1
-    metrics = {"final_loss": loss.item(), "logit_scale": float(model.logit_scale()),
+    metrics = {"final_loss": loss.item() / run.world, "logit_scale": model.logit_scale().item(),
                "params": sum(p.numel() for p in model.parameters())}
     if run.is_main and cfg.eval_images:
         from ldmkit.eval.clip_cli import quick_metrics
