@@ -92,7 +92,8 @@ def test_resume_after_first_checkpoint_equals_uninterrupted_run(tmp_path, monkey
     for name in ("model", "ema", "disc"):  # the discriminator trained in both halves (disc_start=2)
         for k, v in full["modules"][name].items():
             assert torch.equal(v, cut["modules"][name][k]), f"{name}.{k} differs after resume"
-    a, b = load_safetensors(tmp_path / "full" / "model.safetensors"), load_safetensors(tmp_path / "cut" / "model.safetensors")
+    a = load_safetensors(tmp_path / "full" / "model.safetensors")
+    b = load_safetensors(tmp_path / "cut" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     rows = [r for r in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == len((tmp_path / "full" / "metrics.jsonl").read_text().splitlines())

@@ -77,6 +77,19 @@ def test_dit_patch_1_and_learned_positions():
     assert y.shape == (2, 8, 8, 8) and torch.isfinite(y).all()
 
 
+def test_dit_patchify_and_unpatchify_keep_pixels_in_their_patch():
+    """With no transformer blocks every token is mapped on its own, so a pixel can only move outputs in its patch."""
+    torch.manual_seed(0)
+    model = randomize(DiT(DiTConfig(width=16, depth=0, head_dim=8, context_dim=8, pooled_dim=0, freq_dim=16)))
+    x, t = torch.randn(1, 4, 8, 8), torch.rand(1)
+    x2 = x.clone()
+    x2[0, 1, 5, 2] += 1.0  # row 5, column 2: patch (2, 1) covers rows 4-5, columns 2-3
+    changed = (model(x2, t) - model(x, t)).abs().amax(dim=(0, 1)) > 1e-6  # (8, 8)
+    expected = torch.zeros(8, 8, dtype=torch.bool)
+    expected[4:6, 2:4] = True
+    assert torch.equal(changed, expected)
+
+
 @pytest.mark.parametrize("name", BACKBONES)
 def test_zero_init_gives_zero_output(name):
     model = build(name)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldmkit.diffusion.unet import ConvLinear, attention, prepare_condition
-from ldmkit.nn import TimestepMLP
+from ldmkit.nn import TimestepMLP, zero_module
 
 
 def sincos_2d(h: int, w: int, dim: int) -> torch.Tensor:
@@ -145,11 +145,8 @@ class DiT(nn.Module):
             nn.init.normal_(self.null_pooled, std=0.02)
         if isinstance(self.pos, nn.Parameter):
             nn.init.normal_(self.pos, std=0.02)
-        for block in self.blocks:
-            for m in (block.ada, block.out):
-                nn.init.zeros_(m.weight), nn.init.zeros_(m.bias)
-        for m in (self.final_ada, self.final):
-            nn.init.zeros_(m.weight), nn.init.zeros_(m.bias)
+        for m in [self.final_ada, self.final] + [m for b in self.blocks for m in (b.ada, b.out)]:
+            zero_module(m)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None = None,
                 context_mask: torch.Tensor | None = None, pooled: torch.Tensor | None = None,

@@ -93,13 +93,18 @@ def fit_channels(cfg: AutoencoderStage, channels: int) -> AutoencoderStage:
 
 
 def perceptual_module(cfg: AutoencoderStage, out: Path, ds, run):
-    """The frozen LPIPS of the loss. A featnet trained here is saved as DIR/lpips_featnet.safetensors and reused
-    when that file exists with the same training settings (resume, or a rerun of a run that failed early)."""
+    """The frozen LPIPS of the loss. A featnet trained here (or given by loss.featnet_path) is saved as
+    DIR/lpips_featnet.safetensors; a trained one is reused when that file exists with the same training settings
+    (resume, or a rerun of a run that failed early)."""
     from ldmkit.autoencoder import LPIPS, build_perceptual, load_featnet, save_featnet
-    lc = cfg.loss
-    if lc.perceptual != "featnet" or lc.featnet_path is not None:
+    lc, path = cfg.loss, out / FEATNET_FILE
+    if lc.perceptual != "featnet":
         return build_perceptual(lc)
-    path = out / FEATNET_FILE
+    if lc.featnet_path is not None:  # a given featnet: keep a copy so the stage directory is self-contained
+        lpips = build_perceptual(lc)
+        if run.is_main and Path(lc.featnet_path).resolve() != path.resolve():
+            save_featnet(lpips.backbone, path)
+        return lpips
     if path.exists():
         net = load_featnet(path)
         info = getattr(net, "train_info", {})
@@ -112,6 +117,25 @@ def perceptual_module(cfg: AutoencoderStage, out: Path, ds, run):
     if run.is_main:
         save_featnet(lpips.backbone, path)
     return lpips
+
+
+def build(cfg: AutoencoderStage, channels: int, device: torch.device):
+    """Modules {"model", "ema", "disc" if the GAN is on, "logvar" if learned} and optimizers {"opt", "opt_disc"}."""
+    model = AutoencoderKL(cfg.model).to(device)
+    modules: dict[str, nn.Module] = {"model": model, "ema": copy.deepcopy(model).eval().requires_grad_(False)}
+    params = list(model.parameters())
+    disc = build_discriminator(cfg.loss, channels)
+    if disc is not None:
+        modules["disc"] = disc.to(device)
+    logvar = init_output_logvar(cfg.loss)
+    if logvar is not None:
+        modules["logvar"] = nn.ParameterDict({"s": logvar}).to(device)  # a module, so run.save/restore keep it
+        params.append(modules["logvar"]["s"])
+    optimizers = {"opt": common.make_adamw(params, cfg.train)}
+    if disc is not None:
+        optimizers["opt_disc"] = torch.optim.AdamW(disc.parameters(), lr=cfg.disc_lr, betas=cfg.disc_betas,
+                                                   weight_decay=0.0)
+    return modules, optimizers
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,23 +154,11 @@ def train(cfg: AutoencoderStage, out, spec: str, ds, resume: bool = False, init_
     run = common.start_run(out, cfg, tc, "autoencoder", data=spec, resume=resume, init_from=init_from,
                            progress=progress)
     lpips = perceptual_module(cfg, out, ds, run)
-    model = AutoencoderKL(cfg.model).to(run.device)
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
-    disc = build_discriminator(lc, ds.channels)
-    logvar = init_output_logvar(lc)
-    modules: dict[str, nn.Module] = {"model": model, "ema": ema}
-    if disc is not None:
-        modules["disc"] = disc.to(run.device)
-    if logvar is not None:
-        modules["logvar"] = nn.ParameterDict({"s": logvar}).to(run.device)
-        logvar = modules["logvar"]["s"]
+    modules, optimizers = build(cfg, ds.channels, run.device)
+    model, ema, disc, opt = modules["model"], modules["ema"], modules.get("disc"), optimizers["opt"]
+    logvar = modules["logvar"]["s"] if "logvar" in modules else None
     net = common.wrap_ddp(model, run.device)
     dnet = common.wrap_ddp(disc, run.device) if disc is not None else None
-    opt = common.make_adamw(list(model.parameters()) + ([logvar] if logvar is not None else []), tc)
-    optimizers = {"opt": opt}
-    if disc is not None:
-        optimizers["opt_disc"] = torch.optim.AdamW(disc.parameters(), lr=cfg.disc_lr, betas=cfg.disc_betas,
-                                                   weight_decay=0.0)
     start = run.restore(modules, optimizers)
     grid_x = ds.images[:cfg.grid_images]
     step = start
@@ -182,7 +194,7 @@ def train(cfg: AutoencoderStage, out, spec: str, ds, resume: bool = False, init_
         if run.should(tc.ckpt_every, step):
             run.save(step + 1, modules, optimizers, ema.state_dict())
         step += 1
-    metrics = final_metrics(ema, cfg, ds, spec, progress)
+    metrics = final_metrics(ema, cfg, ds, spec)
     if run.is_main:
         save_recon_grid(ema, ds, grid_x, out / "recon.png")
         run.print(f"scale_factor {metrics['scale_factor']:.4f} | shift_factor {metrics['shift_factor']:.4f} | "
@@ -201,7 +213,7 @@ def save_recon_grid(ae: AutoencoderKL, ds, images: torch.Tensor, path: Path) -> 
     save_grid(torch.stack([x, recon], 1).flatten(0, 1).cpu(), path, nrow=8)
 
 
-def final_metrics(ema: AutoencoderKL, cfg: AutoencoderStage, ds, spec: str, progress: bool) -> dict:
+def final_metrics(ema: AutoencoderKL, cfg: AutoencoderStage, ds, spec: str) -> dict:
     """Latent scale (and shift) from the training set, and the test PSNR of the EMA weights on the native crop."""
     from ldmkit.eval.autoencoder_eval import latent_statistics, load_test_split, reconstruct
     from ldmkit.eval.metrics import psnr

@@ -3,9 +3,10 @@
 The caption tokenizer is trained first, on a seeded sample of training captions, and saved as DIR/tokenizer.json
 (a resumed run loads it instead; `--init-from` takes the other run's). Each step draws one caption per example from
 the dataset's training wordings, seeded by the global sample index (so resumed and multi-process runs see exactly
-the captions of an uninterrupted run), optionally shifts and mirrors the images by a few pixels, and minimises the
-CLIP loss; with several processes the negatives span the whole global batch. The ViT's input channels and size
-come from the dataset. The text tower of the result is the frozen text encoder of the denoiser stage.
+the captions of an uninterrupted run), optionally inserts random letter strings into captions (robustness to
+unknown words) and shifts and mirrors the images by a few pixels, and minimises the CLIP loss; with several
+processes the negatives span the whole global batch. The ViT's input channels and size come from the dataset.
+The text tower of the result is the frozen text encoder of the denoiser stage.
 """
 
 from __future__ import annotations
@@ -60,21 +61,21 @@ PRESETS = {
         tokenizer_vocab=512, tokenizer_captions=2000, shift=1, eval_images=256),
     "fashion-mnist": CLIPStage(
         model=CLIPConfig(text=TextConfig(vocab_size=512, max_length=40, width=128, layers=2, heads=4),
-                         vision=ViTConfig(image_size=32, channels=1, patch_size=4, width=128, layers=4, heads=4,
+                         vision=ViTConfig(image_size=32, channels=1, patch_size=8, width=128, layers=4, heads=4,
                                           pool="mean"),
                          embed_dim=128),
         train=TrainConfig(steps=1200, batch_size=256, lr=1e-3, warmup_steps=100, weight_decay=0.05,
                           betas=(0.9, 0.98), ema_halflife_steps=50, precision="bf16", log_every=50,
                           ckpt_every=200, max_minutes=8),
-        shift=2, hflip=True),
+        shift=2, hflip=True, caption_noise=0.5),
     "shapes": CLIPStage(
         model=CLIPConfig(text=TextConfig(vocab_size=512, max_length=40, width=128, layers=3, heads=4),
                          vision=ViTConfig(image_size=32, channels=3, patch_size=4, width=128, layers=4, heads=4,
                                           pool="mean"),
                          embed_dim=128),
-        train=TrainConfig(steps=1500, batch_size=256, lr=1e-3, warmup_steps=100, weight_decay=0.05,
-                          betas=(0.9, 0.98), ema_halflife_steps=50, precision="bf16", log_every=50,
-                          ckpt_every=250, max_minutes=8),
+        train=TrainConfig(steps=500, batch_size=256, lr=1e-3, warmup_steps=50, weight_decay=0.05,
+                          betas=(0.9, 0.98), ema_halflife_steps=30, precision="bf16", log_every=50,
+                          ckpt_every=100, max_minutes=8),
         shift=1),
 }
 
@@ -87,7 +88,7 @@ def fit_to_data(cfg: CLIPStage, ds) -> CLIPStage:
                          "image_size")
     if cfg.hflip and "position" in ds.labels:
         raise ValueError(f"hflip=true would contradict the left/right positions in {ds.name}'s captions; "
-                         "use --set hflip=false")
+                         "use --preset shapes (or --set hflip=false)")
     vision = dataclasses.replace(cfg.model.vision, channels=ds.channels, image_size=h)
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vision=vision))
 
@@ -201,10 +202,12 @@ def train(cfg: CLIPStage, out, spec: str, ds, resume: bool = False, init_from: s
         x = augment(ds.to_float(ds.images[idx]), gidx, tc.seed, cfg.shift, cfg.hflip).to(run.device)
         rngs = [random.Random(example_seed(tc.seed, int(g), CAPTION_STREAM)) for g in gidx]
         captions = [noisy_caption(ds.caption(int(i), r), r, cfg.caption_noise) for i, r in zip(idx, rngs)]
-        ids, mask = tok(captions)
+        distinct = {c: k for k, c in enumerate(dict.fromkeys(captions))}  # each distinct caption is encoded once
+        ids, mask = tok(list(distinct))
         common.set_lr(opt, common.lr_at(step, tc))
         with common.autocast(run.device, tc.precision):
-            img, txt, scale = net(x, ids.to(run.device), mask.to(run.device))  # (B, E), (B, E), ()
+            img, txt, scale = net(x, ids.to(run.device), mask.to(run.device))  # (B, E), (U, E), ()
+        txt = txt[torch.tensor([distinct[c] for c in captions], device=run.device)]  # (B, E)
         loss = contrastive_loss(img, txt, scale, run.world)
         loss.backward()
         common.clip_grad(model.parameters(), tc.grad_clip)
