@@ -67,13 +67,24 @@ def test_channels_must_match_when_not_taken_from_data(tmp_path):
         cli(train_args(tmp_path / "ae", "shapes", "channels_from_data=false"))
 
 
+def test_discriminator_warms_up_before_its_term_reaches_the_autoencoder(tmp_path):
+    import json
+    out = tmp_path / "ae"
+    assert cli(train_args(out, "shapes", "train.steps=4", "train.log_every=1", "loss.disc_start=3",
+                          "disc_warmup_steps=2")) == 0
+    rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [("disc_d" in r, "g" in r) for r in rows] == [(False, False), (True, False), (True, False), (True, True)]
+    assert rows[-1]["d_weight"] > 0
+
+
 class Stop(Exception):
     pass
 
 
 @pytest.mark.slow
 def test_resume_after_first_checkpoint_equals_uninterrupted_run(tmp_path, monkeypatch):
-    sets = ("train.steps=8", "train.ckpt_every=4", "loss.disc_start=2", "loss.perceptual_weight=1.0")
+    sets = ("train.steps=8", "train.ckpt_every=4", "loss.disc_start=3", "disc_warmup_steps=2",
+            "loss.perceptual_weight=1.0")
     assert cli(train_args(tmp_path / "full", "shapes", *sets)) == 0
     save = common.Run.save
 
@@ -89,7 +100,7 @@ def test_resume_after_first_checkpoint_equals_uninterrupted_run(tmp_path, monkey
     assert cli(train_args(tmp_path / "cut", "shapes", *sets) + ["--resume"]) == 0
     full, cut = load_state(tmp_path / "full" / "state.pt"), load_state(tmp_path / "cut" / "state.pt")
     assert full["step"] == cut["step"] == 8
-    for name in ("model", "ema", "disc"):  # the discriminator trained in both halves (disc_start=2)
+    for name in ("model", "ema", "disc"):  # the discriminator trained in both halves (from step 1)
         for k, v in full["modules"][name].items():
             assert torch.equal(v, cut["modules"][name][k]), f"{name}.{k} differs after resume"
     a = load_safetensors(tmp_path / "full" / "model.safetensors")

@@ -179,11 +179,11 @@ def train_eval_classifier(train_images, train_labels, test_images, test_labels, 
                           batch_size: int = 128, seed: int = 0, progress: bool = True,
                           config: EvalClassifierConfig | None = None, lr: float = 3e-3,
                           weight_decay: float = 0.05, label_smoothing: float = 0.1,
-                          augmentation: bool = True, bf16: bool = True) -> tuple[EvalClassifier, float]:
+                          max_shift: int = 1, bf16: bool = True) -> tuple[EvalClassifier, float]:
     """Train the evaluation classifier with AdamW and a one-cycle schedule; returns (model in eval mode, test acc).
 
     Images are uint8 (N, 28, 28, 1); labels int (N,). Batches are drawn by seeded per-epoch permutations and
-    augmented with random flips and shifts of up to 2 pixels. `bf16` runs the training forward under bfloat16
+    augmented with random horizontal flips and shifts of up to `max_shift` pixels (0 disables shifts). `bf16` runs the training forward under bfloat16
     autocast (about 1.5x faster convolutions on CPUs with bf16 units); evaluation and `features` stay float32.
     """
     torch.manual_seed(seed)
@@ -203,7 +203,7 @@ def train_eval_classifier(train_images, train_labels, test_images, test_labels, 
             order, pos = torch.randperm(x.shape[0], generator=gen), 0
         idx = order[pos:pos + batch_size]
         pos += batch_size
-        xb = (augment(x[idx], gen) if augmentation else x[idx]).contiguous(memory_format=torch.channels_last)
+        xb = augment(x[idx], gen, max_shift).contiguous(memory_format=torch.channels_last)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             logits = model(xb)
         loss = F.cross_entropy(logits.float(), y[idx], label_smoothing=label_smoothing)
