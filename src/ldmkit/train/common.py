@@ -11,7 +11,6 @@ split by rank from one global order, only rank 0 writes files, and logged scalar
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -396,7 +395,3 @@ def _to_tuple(x):
 
 def _human(x: float) -> str:
     return f"{x / 1000:.1f}k" if x >= 1000 else f"{x:.0f}"
-
-
-def replace(cfg, **kw):
-    return dataclasses.replace(cfg, **kw)
