@@ -178,7 +178,7 @@ def test_classifier_shapes_layouts_and_deterministic_features():
 def test_augment_shifts_and_flips_with_zero_fill():
     x = torch.zeros(64, 1, 28, 28, dtype=torch.uint8)
     x[:, :, 10, 5] = 255
-    out = augment(x, torch.Generator().manual_seed(0))
+    out = augment(x, torch.Generator().manual_seed(0), max_shift=2)
     assert out.shape == x.shape and out.dtype == torch.uint8
     assert (out.flatten(1).sum(1) == 255).all()  # one pixel moved, never duplicated or lost (shift <= 2)
     rows, cols = out[:, 0].nonzero()[:, 1], out[:, 0].nonzero()[:, 2]
@@ -202,20 +202,23 @@ def test_score_images_on_real_images(fashion_dir):
     assert noise["precision"] < out["precision"]
 
 
-def test_short_training_learns_far_above_chance(fashion_dir):
+def test_short_training_reaches_80_percent_on_5k_subset(fashion_dir):
+    # A three-stage 16/32/64 net (about 20 s on 2 free cores); chance is 0.1, the full recipe's >= 92% is below.
     xtr, ytr = load_fashion(fashion_dir, "train")
     xte, yte = load_fashion(fashion_dir, "test")
-    start = time.time()
-    cfg = EvalClassifierConfig(widths=(16, 32), depths=(1, 1))
-    model, acc = train_eval_classifier(xtr[:5000], ytr[:5000], xte[:2000], yte[:2000], steps=300, batch_size=64,
-                                       seed=0, progress=False, config=cfg)
-    assert acc > 0.5, acc  # 10 classes: chance is 0.1 (the full recipe's >= 92% is the slow test below)
+    cfg = EvalClassifierConfig(widths=(16, 32, 64), depths=(1, 1, 1))
+    model, acc = train_eval_classifier(xtr[:5000], ytr[:5000], xte[:2000], yte[:2000], steps=600, batch_size=64,
+                                       seed=0, progress=False, config=cfg, lr=1e-2)
+    assert acc > 0.80, acc
     assert not model.training
+    assert all(p.is_contiguous() for p in model.state_dict().values())  # safetensors can save it
 
 
 @pytest.mark.slow
 def test_full_recipe_reaches_92_percent(fashion_dir):
     xtr, ytr = load_fashion(fashion_dir, "train")
     xte, yte = load_fashion(fashion_dir, "test")
+    start = time.time()
     _, acc = train_eval_classifier(xtr, ytr, xte, yte, seed=0, progress=False)
+    print(f"eval classifier: test accuracy {acc:.4f} after {time.time() - start:.0f} s")
     assert acc >= 0.92, acc

