@@ -79,7 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-classifier", default=None, help="evaluation classifier stage directory")
     p.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST idx files")
     p.add_argument("--out", default="benchmarks/results/autoencoder.json")
+    p.add_argument("--threads", type=int, default=0, help="torch threads for evaluation (0 = torch's default)")
     args = p.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     from ldmkit.eval.autoencoder_eval import evaluate, find_autoencoder_dir
     load_start, t0 = os.getloadavg(), time.perf_counter()
     bench = {}

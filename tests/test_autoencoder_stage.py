@@ -81,7 +81,6 @@ class Stop(Exception):
     pass
 
 
-@pytest.mark.slow
 def test_resume_after_first_checkpoint_equals_uninterrupted_run(tmp_path, monkeypatch):
     sets = ("train.steps=8", "train.ckpt_every=4", "loss.disc_start=3", "disc_warmup_steps=2",
             "loss.perceptual_weight=1.0")

@@ -132,7 +132,6 @@ def test_padding_matches_the_fashion_loader(fashion_dir):
     assert torch.equal(clip_cli.to_model_resolution(native, 32, 1, "x"), ds.images)
 
 
-@pytest.mark.slow
 def test_fashion_train_and_zero_shot_eval(fashion_dir, tmp_path):
     from ldmkit.conditioning import zero_shot_accuracy
     from ldmkit.data import FASHION_CLASSES, HELDOUT_TEMPLATES, fill_template, load_dataset

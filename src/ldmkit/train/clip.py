@@ -64,9 +64,9 @@ PRESETS = {
                          vision=ViTConfig(image_size=32, channels=1, patch_size=8, width=128, layers=4, heads=4,
                                           pool="mean"),
                          embed_dim=128),
-        train=TrainConfig(steps=1200, batch_size=256, lr=1e-3, warmup_steps=100, weight_decay=0.05,
-                          betas=(0.9, 0.98), ema_halflife_steps=50, precision="bf16", log_every=50,
-                          ckpt_every=200, max_minutes=8),
+        train=TrainConfig(steps=2400, batch_size=128, lr=1e-3, warmup_steps=200, weight_decay=0.05,
+                          betas=(0.9, 0.98), ema_halflife_steps=100, precision="bf16", log_every=100,
+                          ckpt_every=400, max_minutes=8),
         shift=2, hflip=True, caption_noise=0.5),
     "shapes": CLIPStage(
         model=CLIPConfig(text=TextConfig(vocab_size=512, max_length=40, width=128, layers=3, heads=4),
