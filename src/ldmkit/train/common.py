@@ -29,6 +29,7 @@ from torch import nn
 from ldmkit.checkpoint import (load_safetensors, load_state, provenance, read_json, save_safetensors, save_state,
                                write_json)
 from ldmkit.config import to_dict
+from ldmkit.nn import bf16_is_fast
 
 
 @dataclass(frozen=True)
@@ -82,12 +83,22 @@ def seed_everything(seed: int) -> None:
 
 
 def autocast(device: torch.device, precision: str):
-    """bf16 autocast context where asked for (CPU and CUDA support it), otherwise a no-op."""
+    """bf16 autocast where asked for and the hardware has bf16 arithmetic, otherwise a no-op (fp32).
+
+    `precision="bf16"` means "bf16 where it is fast": on a CPU without native bf16 instructions (AVX512-BF16 or
+    AMX) every bf16 kernel is emulated and a training step runs 10-20x slower than in fp32 (measured on an AVX2
+    machine), so there the step runs in fp32 and the run's log says so (`effective_precision`).
+    """
     if precision == "fp32":
         return nullcontext()
     if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+        return torch.autocast(device.type, dtype=torch.bfloat16) if bf16_is_fast(device) else nullcontext()
     raise ValueError(f"unknown precision {precision!r}; use fp32 or bf16 (fp16 is very slow on CPU)")
+
+
+def effective_precision(device: torch.device, precision: str) -> str:
+    """The precision `autocast(device, precision)` actually runs at."""
+    return "bf16" if precision == "bf16" and bf16_is_fast(device) else "fp32"
 
 
 # ----------------------------------------------------------------------------- schedule, EMA, clipping
@@ -226,7 +237,11 @@ class Run:
             torch.set_num_threads(tc.threads)
         self._progress = progress and self.is_main
         self._check_dir()
-        self.info = {"stage": stage, "data": data, **provenance()}
+        self.info = {"stage": stage, "data": data, "precision": effective_precision(self.device, tc.precision),
+                     **provenance()}
+        if self.is_main and self.info["precision"] != tc.precision:
+            print(f"[{stage}] train.precision={tc.precision} but this {self.device.type} has no native bf16 "
+                  "arithmetic: training in fp32 (emulated bf16 is 10-20x slower)", file=sys.stderr)
         if self.is_main:
             self.dir.mkdir(parents=True, exist_ok=True)
             write_json(self.dir / "config.json", {"stage": stage, "data": data, **to_dict(cfg)})
