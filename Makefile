@@ -7,7 +7,7 @@ demo:
 
 test:
 	@scripts/setup.sh test
-	.venv/bin/python -m pytest -q --timeout=1200 $(PYTEST_ARGS)
+	.venv/bin/python -m pytest -q --timeout=1200 --durations=20 $(PYTEST_ARGS)
 
 test-fast:
 	@scripts/setup.sh test

@@ -1,5 +1,6 @@
 """The autoencoder stage: `ldmkit train autoencoder` (tiny preset), exact resume, and `ldmkit autoencoder eval`."""
 
+import dataclasses
 import shutil
 
 import numpy as np
@@ -149,3 +150,26 @@ def test_eval_on_a_pipeline_dir_writes_json_and_npz(fashion_run, tmp_path):
             kl = kl + torch.distributions.kl_divergence(q, torch.distributions.Normal(0.0, 1.0)).sum((0, 2, 3))
     np.testing.assert_allclose(res["kl_per_channel"], (kl / len(test)).numpy(), rtol=1e-6)
     assert 0 <= res["eval_classifier_acc_orig"] <= 1 and 0 <= res["eval_classifier_acc_recon"] <= 1
+
+
+def test_posterior_cache_is_reused_only_for_the_same_weights(tmp_path, monkeypatch):
+    from ldmkit.autoencoder import PRESETS as AE_PRESETS, AutoencoderKL
+    from ldmkit.data import load_dataset
+    from ldmkit.train import latents
+    ds = load_dataset("shapes", split="train", num=12)
+    ae = AutoencoderKL(dataclasses.replace(AE_PRESETS["tiny"], in_channels=3, out_channels=3)).eval()
+    first = latents.posterior_cache(tmp_path, ae, "hash-a", ds, "shapes", "train", progress=False)
+    with torch.no_grad():
+        post = ae.encode(ds.to_float(ds.images))
+    assert torch.allclose(first["mean"], post.mean, atol=1e-6) and torch.allclose(first["logvar"], post.logvar,
+                                                                                  atol=1e-6)
+    assert len(list((tmp_path / "latents").iterdir())) == 1
+
+    def no_encoding(*a, **kw):
+        raise AssertionError("the cache should have been read, not re-encoded")
+
+    monkeypatch.setattr(latents, "encode_dataset", no_encoding)
+    again = latents.posterior_cache(tmp_path, ae, "hash-a", ds, "shapes", "train", progress=False)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    with pytest.raises(AssertionError, match="re-encoded"):  # other weights: the stale cache is not used
+        latents.posterior_cache(tmp_path, ae, "hash-b", ds, "shapes", "train", progress=False)
