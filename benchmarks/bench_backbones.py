@@ -2,8 +2,9 @@
 
     .venv/bin/python benchmarks/bench_backbones.py PIPELINE_DIR --minutes 10 [--out benchmarks/results/backbones.json]
 
-PIPELINE_DIR is a trained Fashion-MNIST pipeline (`ldmkit train pipeline --preset fashion-mnist`); its
-autoencoder, CLIP text tower and evaluation classifier are shared by both arms, so only the backbone differs. For
+PIPELINE_DIR holds trained Fashion-MNIST `autoencoder/`, `clip/` and `eval-classifier/` stages (a pipeline from
+`ldmkit train pipeline --preset fashion-mnist`, or the three stages trained alone); they are shared by both arms,
+so only the backbone differs. Each arm becomes a pipeline directory of its own (`WORK/unet`, `WORK/dit`). For
 each backbone (the `fashion-mnist` and `fashion-mnist-dit` denoiser presets) the script times its training step,
 sets the step count so that the run takes `--minutes` of compute, trains it with the preset's objective, schedule
 and EMA, and samples 1,000 images (100 per class, "a photo of a {class}") with the pipeline's guidance, sampler
@@ -33,6 +34,7 @@ from ldmkit.config import apply_overrides  # noqa: E402
 from ldmkit.data import load_dataset  # noqa: E402
 from ldmkit.pipeline import Pipeline, PromptEncoder  # noqa: E402
 from ldmkit.train import ldm  # noqa: E402
+from ldmkit.train.pipeline import PRESETS as PIPELINE_PRESETS, write_pipeline_json  # noqa: E402
 
 ARMS = {"unet": "fashion-mnist", "dit": "fashion-mnist-dit"}
 SHARED = ("autoencoder", "clip", "eval-classifier")
@@ -89,12 +91,12 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     base = Path(args.pipeline)
     work = Path(args.work or base / "bench-backbones")
-    spec = read_json(base / "pipeline.json")
+    preset = PIPELINE_PRESETS["fashion-mnist"]
     ds = load_dataset("fashion-mnist", split="train", data_dir=args.data_dir)
     scorer = Scorer(base, args.data_dir)
     prompts, labels = class_prompts(args.per_class, None)
     result = {"pipeline": str(base), "minutes_per_arm": args.minutes, "eval_classifier_sha256": scorer.sha,
-              "guidance": spec["defaults"]["guidance"], "sampler": spec["defaults"]["sampler"], "steps": 20,
+              "guidance": preset.guidance, "sampler": preset.sampler, "steps": 20,
               "threads": torch.get_num_threads(), "loadavg_start": os.getloadavg(), **provenance(), "arms": {}}
     grids = []
     for arm in args.arms.split(","):
@@ -114,9 +116,7 @@ def main(argv=None) -> int:
             ldm.train(cfg, arm_dir / "denoiser", "fashion-mnist", ds, str(base / "autoencoder"), str(base / "clip"),
                       resume=resume)
         wall, cpu = time.perf_counter() - t, time.process_time() - c
-        pspec = {**spec, "stages": {**{k: v for k, v in spec["stages"].items() if k in SHARED},
-                                    "denoiser": {"path": "denoiser", "sha256": _hash(arm_dir / "denoiser")}}}
-        write_json(arm_dir / "pipeline.json", pspec)
+        write_pipeline_json(arm_dir, preset, ds)
         pipe = Pipeline.load(arm_dir)
         t0 = time.perf_counter()
         images = pipe.generate(prompts, guidance=pipe.guidance(), steps=20, progress=False)
@@ -137,11 +137,6 @@ def main(argv=None) -> int:
         save_side_by_side(grids, Path(args.out).with_suffix(".png"))
     print(json.dumps(result["arms"], indent=1))
     return 0
-
-
-def _hash(stage: Path) -> str:
-    from ldmkit.stages import weights_hash
-    return weights_hash(stage)
 
 
 def save_side_by_side(grids, path: Path) -> None:
