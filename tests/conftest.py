@@ -39,3 +39,12 @@ def require_fashion_mnist() -> Path:
 @pytest.fixture
 def fashion_dir() -> Path:
     return require_fashion_mnist()
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from a second thread; on a loaded 2-core machine its barriers cost up to ~30x."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

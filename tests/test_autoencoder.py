@@ -25,14 +25,6 @@ def small_model(seed=0, cfg=SMALL):
     return AutoencoderKL(cfg)
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny tensors train faster on one thread: on a busy machine a second thread mostly waits at barriers."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 # ---- diffusers parity -------------------------------------------------------------------------------------------
 

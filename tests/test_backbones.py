@@ -19,12 +19,8 @@ BACKBONES = {"unet": (UNet, UNET_PRESETS["tiny"]), "dit": (DiT, DIT_PRESETS["tin
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread; on a loaded 2-core machine its barriers cost ~30x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread):
+    """Every backbone test runs on one thread (the shared `one_thread` fixture)."""
 
 
 def build(name, seed=0):

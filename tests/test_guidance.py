@@ -311,15 +311,6 @@ def test_tweedie_shift_is_exact_for_gaussian_data():
 
 # ------------------------------------------------------------------------------------------------ noisy classifier
 
-@pytest.fixture
-def one_thread():
-    """Tiny ops run fastest on one thread; two threads thrash when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_classifier_shapes_init_loss_and_gradient(one_thread):
     torch.manual_seed(0)
     model = NoisyLatentClassifier(PRESETS["tiny"]).eval()

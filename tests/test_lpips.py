@@ -10,14 +10,6 @@ from ldmkit.autoencoder.featnet import (FeatNetConfig, gaussian_blur, load_featn
                                         save_featnet, train_featnet)
 from ldmkit.autoencoder.lpips import LPIPS, load_lpips_heads, load_vgg16, lpips_vgg16
 
-@pytest.fixture
-def one_thread():
-    """Tiny tensors train faster on one thread: on a busy machine a second thread mostly waits at barriers."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 # torchvision vgg16.features: conv layers at these indices, ReLU after each, max pools at 4, 9, 16, 23
 TV_CONVS = {0: (3, 64), 2: (64, 64), 5: (64, 128), 7: (128, 128), 10: (128, 256), 12: (256, 256),

@@ -220,13 +220,6 @@ def optimal_backbone(data, obj):
     return backbone
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops: a second thread only adds synchronisation
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(OBJECTIVES))

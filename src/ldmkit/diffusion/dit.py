@@ -4,7 +4,7 @@ Latents are cut into p x p patches (tokens), pass through adaLN-Zero blocks cond
 plus the pooled text vector, attend to the per-token text states inside each block (as in PixArt-alpha: a plain
 pre-norm cross-attention between self-attention and MLP), and a final adaLN layer maps tokens back to patches.
 Token linears are `ConvLinear` (fast on CPU, see unet.py); the conditioning contract and null embeddings are the
-UNet's (`prepare_condition`).
+UNet's (`embed_condition`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldmkit.diffusion.unet import ConvLinear, attention, prepare_condition
+from ldmkit.diffusion.unet import ConvLinear, attention, embed_condition
 from ldmkit.nn import TimestepMLP, zero_module
 
 
@@ -156,14 +156,7 @@ class DiT(nn.Module):
         if (C, H, W) != (self.cfg.in_channels, S, S):
             raise ValueError(f"DiT expects (B, {self.cfg.in_channels}, {S}, {S}) (DiTConfig.input_size), "
                              f"got {tuple(x.shape)}")
-        if t.shape != (B,):
-            raise ValueError(f"t must have shape ({B},), got {tuple(t.shape)}")
-        context, mask, pooled = prepare_condition(self.null_context, self.null_pooled, B, context, context_mask,
-                                                  pooled, drop)
-        c = self.time_embed(t)  # (B, D)
-        if self.pooled_proj is not None:
-            c = c + self.pooled_proj(pooled)
-        c = F.silu(c)
+        context, mask, c = embed_condition(self, t, B, context, context_mask, pooled, drop)  # c (B, D)
 
         h = self.patch(x.contiguous(memory_format=torch.channels_last))  # (B, D, g, g), channels-last
         h = h.permute(0, 2, 3, 1).reshape(B, self.grid ** 2, -1) + self.pos  # (B, N, D)

@@ -70,6 +70,19 @@ def fp32_under_autocast(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.device.type == "cpu" and torch.is_autocast_enabled("cpu") else x
 
 
+def embed_condition(model: nn.Module, t: torch.Tensor, batch: int, context, context_mask, pooled, drop):
+    """The prologue both backbones share: validate `t` and the text condition (`prepare_condition`), then the
+    conditioning vector silu(time_embed(t) + pooled_proj(pooled)). Returns (context, mask, vector)."""
+    if t.shape != (batch,):
+        raise ValueError(f"t must have shape ({batch},), got {tuple(t.shape)}")
+    context, mask, pooled = prepare_condition(model.null_context, model.null_pooled, batch, context, context_mask,
+                                              pooled, drop)
+    emb = model.time_embed(t)
+    if model.pooled_proj is not None:
+        emb = emb + model.pooled_proj(pooled)
+    return context, mask, F.silu(emb)
+
+
 def prepare_condition(null_context: torch.Tensor, null_pooled: torch.Tensor | None, batch: int,
                       context: torch.Tensor | None, context_mask: torch.Tensor | None,
                       pooled: torch.Tensor | None, drop: torch.Tensor | None):
@@ -310,14 +323,7 @@ class UNet(nn.Module):
         if C != self.cfg.in_channels or H % k or W % k:
             raise ValueError(f"UNet expects (B, {self.cfg.in_channels}, H, W) with H, W divisible by {k}, "
                              f"got {tuple(x.shape)}")
-        if t.shape != (B,):
-            raise ValueError(f"t must have shape ({B},), got {tuple(t.shape)}")
-        context, mask, pooled = prepare_condition(self.null_context, self.null_pooled, B, context, context_mask,
-                                                  pooled, drop)
-        emb = self.time_embed(t)  # (B, E)
-        if self.pooled_proj is not None:
-            emb = emb + self.pooled_proj(pooled)  # (B, E)
-        emb = F.silu(emb)
+        context, mask, emb = embed_condition(self, t, B, context, context_mask, pooled, drop)  # emb (B, E)
 
         h = self.stem(x.contiguous(memory_format=torch.channels_last))  # (B, C0, H, W), channels-last
         skips = []
