@@ -201,6 +201,63 @@ def test_bad_configs_fail_loudly(tmp_path):
         cli(train_args(tmp_path / "none", "--resume"))
 
 
+def test_preset_defaults_to_the_datas_own(tmp_path, monkeypatch):
+    """`ldmkit train clip --data shapes` without --preset trains the shapes preset (no hflip error); fashion-mnist
+    and folders keep the fashion-mnist preset; an explicit --preset wins."""
+    assert clip_stage.default_preset("shapes") == "shapes"
+    assert clip_stage.default_preset("fashion-mnist") == "fashion-mnist"
+    assert clip_stage.default_preset("folder:/x") == "fashion-mnist"
+    seen = {}
+    monkeypatch.setattr(clip_stage, "train", lambda cfg, out, spec, ds, **kw: seen.update(cfg=cfg, spec=spec))
+    assert cli(["train", "clip", "--data", "shapes", "--out", str(tmp_path / "a")]) == 0
+    assert seen["spec"] == "shapes" and seen["cfg"] == clip_stage.PRESETS["shapes"]
+    clip_stage.fit_to_data(seen["cfg"], load_dataset_small())  # no hflip contradiction
+    assert cli(["train", "clip", "--data", "shapes", "--preset", "tiny", "--set", "train.steps=3",
+                "--out", str(tmp_path / "b")]) == 0
+    assert seen["cfg"] == dataclasses.replace(clip_stage.PRESETS["tiny"], train=dataclasses.replace(
+        clip_stage.PRESETS["tiny"].train, steps=3))
+
+
+def test_hard_negative_changes_one_attribute_of_the_scene():
+    from ldmkit.data import load_dataset
+    from ldmkit.data.shape_captions import shape_caption
+    ds = load_dataset("shapes", split="test", num=200)
+    keys = ("shape", "color", "size", "position", "background")
+    changed = {a: 0 for a in clip_stage.HARD_NEGATIVE_ATTRIBUTES}
+    for i in range(200):
+        r = random.Random(i)
+        state = r.getstate()
+        pos = ds.caption(i, r)
+        after = r.getstate()
+        neg = clip_stage.hard_negative(ds, i, state, r, 1.0, pos)
+        r2 = random.Random()
+        r2.setstate(after)
+        assert neg == clip_stage.hard_negative(ds, i, state, r2, 1.0, pos)  # seeded by the caption rng
+        if neg is None:  # only a position change the caption does not mention
+            continue
+        assert neg != pos
+        truth = {k: int(ds.labels[k][i]) for k in keys}
+        matches = [(a, v) for a in clip_stage.HARD_NEGATIVE_ATTRIBUTES for v in range(len(ds.label_names[a]))
+                   if v != truth[a] and neg == shape_caption(**{**truth, a: v}, rng=_with_state(state))]
+        assert len(matches) >= 1, (pos, neg)  # the same wording rng, one attribute of the scene changed
+        changed[matches[0][0]] += 1
+    assert min(changed.values()) > 30  # all three attributes get changed
+    r = random.Random(0)
+    state = r.getstate()
+    assert clip_stage.hard_negative(ds, 0, state, r, 0.0, "x") is None and r.getstate() == state  # p=0 draws nothing
+
+
+def _with_state(state):
+    r = random.Random()
+    r.setstate(state)
+    return r
+
+
+def load_dataset_small():
+    from ldmkit.data import load_dataset
+    return load_dataset("shapes", split="test", num=4)
+
+
 def test_caption_sample_is_seeded():
     from ldmkit.data import load_dataset
     ds = load_dataset("shapes", split="test", num=50)

@@ -111,6 +111,36 @@ def test_attention_matches_naive(tokenizer):
     torch.testing.assert_close(attn(x, mask=mask), attn.out(ref), atol=1e-5, rtol=1e-5)
 
 
+def test_attention_core_runs_in_float32_under_cpu_autocast(tokenizer, monkeypatch):
+    """Under bf16 autocast the projections run in bf16 but softmax(q k^T / sqrt(d)) v gets float32 inputs (the bf16
+    SDPA backward is much slower on CPUs); the result is the naive float32 attention of the bf16 projections."""
+    torch.manual_seed(0)
+    attn = TextTransformer(TextConfig(vocab_size=512, max_length=16, width=32, layers=1, heads=4)).blocks[0].attn
+    x = torch.randn(3, 16, 32, requires_grad=True)
+    _, mask = tokenizer(["a red circle", "a", "a blue square on the left"])
+    seen, sdpa = [], F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):
+        seen.append((q.dtype, k.dtype, v.dtype, torch.is_autocast_enabled("cpu")))
+        return sdpa(q, k, v, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = attn(x, mask=mask)
+        q = attn.q(x).view(3, 16, 4, 8).transpose(1, 2)  # (B, H, T, d) bf16, as inside forward
+        k, v = attn.kv(x).view(3, 16, 2, 4, 8).permute(2, 0, 3, 1, 4)
+    assert seen == [(torch.float32, torch.float32, torch.float32, False)]
+    ref = naive_attention(q.float(), k.float(), v.float(), mask[:, None, None, :])  # (B, H, T, d) float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = attn.out(ref.to(torch.bfloat16).transpose(1, 2).reshape(3, 16, 32))
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, ref, atol=1e-2, rtol=1e-2)
+    y.float().square().sum().backward()  # gradients flow back through the casts
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    with torch.no_grad():  # without autocast nothing changes: float32 in, float32 out
+        assert attn(x.detach()).dtype == torch.float32 and seen[-1][0] == torch.float32
+
+
 @pytest.mark.parametrize("channels,pool", [(1, "cls"), (3, "mean")])
 def test_vit_shapes(channels, pool):
     torch.manual_seed(0)
@@ -122,6 +152,52 @@ def test_vit_shapes(channels, pool):
         ViT(cfg)(torch.randn(2, 4 - channels, 32, 32))
     with pytest.raises(ValueError, match="patch_size=5"):
         ViTConfig(patch_size=5)
+
+
+def test_vit_conv_stem():
+    """stem="conv": log2(patch_size) stride-2 3x3 convolutions make the same token grid as the patch stem."""
+    torch.manual_seed(0)
+    cfg = ViTConfig(image_size=32, channels=3, patch_size=8, width=32, layers=1, heads=2, pool="mean", stem="conv")
+    vit = ViT(cfg)
+    convs = [m for m in vit.patch_embed if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.stride, c.kernel_size) for c in convs] == [
+        (3, 8, (2, 2), (3, 3)), (8, 16, (2, 2), (3, 3)), (16, 32, (2, 2), (3, 3))]
+    x = torch.randn(2, 3, 32, 32)
+    pooled, tokens = vit(x)
+    assert pooled.shape == (2, 32) and tokens.shape == (2, 16, 32)
+    # token (r, c) sees only pixels near its own patch: changing the far corner leaves token 0's embedding alone
+    y = x.clone()
+    y[:, :, 24:, 24:] += 1
+    grid = vit.patch_embed(x).flatten(2).transpose(1, 2)
+    assert torch.equal(vit.patch_embed(y).flatten(2).transpose(1, 2)[:, 0], grid[:, 0])
+    with pytest.raises(ValueError, match="power of 2"):
+        ViTConfig(image_size=24, patch_size=6, stem="conv")
+    with pytest.raises(ValueError, match="stem"):
+        ViTConfig(stem="resnet")
+
+
+@pytest.mark.parametrize("pool", ["cls", "mean"])
+def test_vit_sincos_position_init(pool):
+    from ldmkit.conditioning.vit import sincos_2d
+    table = sincos_2d(4, 8)  # 16 patches, 2 frequencies (1 and 1/100) per quarter
+    assert table.shape == (16, 8)
+    patch = 1 * 4 + 2  # row 1, column 2
+    expected = [math.sin(1), math.sin(0.01), math.cos(1), math.cos(0.01),
+                math.sin(2), math.sin(0.02), math.cos(2), math.cos(0.02)]
+    torch.testing.assert_close(table[patch], torch.tensor(expected))
+    assert len({tuple(r) for r in table.tolist()}) == 16  # every patch gets its own code
+    torch.manual_seed(0)
+    vit = ViT(ViTConfig(image_size=16, channels=3, patch_size=4, width=8, layers=1, heads=2, pool=pool,
+                        pos_init="sincos"))
+    pos = vit.position_embedding.detach()[0]
+    torch.testing.assert_close(pos[-16:], table)  # the patches; a class token keeps its small random start
+    if pool == "cls":
+        assert pos[0].abs().max() < 0.1
+    assert vit.position_embedding.requires_grad  # a starting point, still learned
+    with pytest.raises(ValueError, match="pos_init"):
+        ViTConfig(pos_init="rope")
+    with pytest.raises(ValueError, match="divisible by 4"):
+        ViTConfig(width=6, heads=2, pos_init="sincos")
 
 
 def test_seeded_forward_is_deterministic(tokenizer):
@@ -155,6 +231,38 @@ def test_clip_loss_matches_naive():
     torch.testing.assert_close(loss, naive_clip_loss(img, txt, 14.0))
     perfect = clip_loss(img, img, 100.0)  # diagonal pairs identical, others far -> near zero loss
     assert perfect.mean() < clip_loss(img, txt, 100.0).mean()
+
+
+def test_clip_loss_hard_negatives_match_naive():
+    """Image i's hard negative joins only image i's image-to-text softmax; masked rows are plain CLIP rows."""
+    g = torch.Generator().manual_seed(2)
+    img, txt, neg = (F.normalize(torch.randn(5, 8, generator=g, dtype=torch.float64), dim=-1) for _ in range(3))
+    keep = torch.tensor([True, False, True, True, False])
+    loss = clip_loss(img, txt, 12.0, neg, keep)
+    plain = naive_clip_loss(img, txt, 12.0)
+    for i in range(5):
+        logits = [12.0 * float(img[i] @ txt[j]) for j in range(5)]
+        logits += [12.0 * float(img[i] @ neg[i])] if keep[i] else []
+        i2t = math.log(sum(math.exp(v) for v in logits)) - logits[i]
+        col = [12.0 * float(img[j] @ txt[i]) for j in range(5)]
+        t2i = math.log(sum(math.exp(v) for v in col)) - col[i]
+        assert float(loss[i]) == pytest.approx(0.5 * (i2t + t2i), rel=1e-12)
+        assert (float(loss[i]) > float(plain[i])) == bool(keep[i])  # a further wrong answer only adds loss
+    all_kept = torch.ones(5, dtype=torch.bool)
+    torch.testing.assert_close(clip_loss(img, txt, 12.0, neg), clip_loss(img, txt, 12.0, neg, all_kept))
+    with pytest.raises(ValueError, match="one per image"):
+        clip_loss(img, txt, 12.0, neg[:3])
+    # gathered over two simulated ranks: same values and the full-batch gradients of the local rows
+    img.requires_grad_(), neg.requires_grad_()
+    full = clip_loss(img, txt, 12.0, neg, keep)
+    full.mean().backward()
+    for lo, hi in ((0, 2), (2, 5)):
+        li, ln = (t.detach()[lo:hi].clone().requires_grad_() for t in (img, neg))
+        part = clip_loss_gathered(li, txt[lo:hi], img.detach(), txt, lo, 12.0, ln, neg.detach(), keep)
+        torch.testing.assert_close(part, full.detach())
+        part.mean().backward()
+        torch.testing.assert_close(li.grad, img.grad[lo:hi])
+        torch.testing.assert_close(ln.grad, neg.grad[lo:hi])
 
 
 def test_clip_loss_gathered_gives_full_batch_gradients():
@@ -267,6 +375,23 @@ def test_clip_text_encoder_interface(tokenizer):
     assert any(p.requires_grad for p in model.parameters())  # the CLIP model itself stays trainable
     with pytest.raises(RuntimeError, match="tokenizer"):
         CLIPModel(CLIP_PRESETS["tiny"]).text_encoder()
+
+
+def test_encode_text_in_length_sorted_chunks_is_exact(tokenizer):
+    """Sorting rows by length and cutting each chunk to its longest row gives every row's own full-padding result,
+    in the input order, with gradients to the tower."""
+    model = tiny_clip(tokenizer)
+    prompts = ["a large yellow star at the top", "a", "", "a red circle",
+               "a blue square on the left", "an ankle boot", "a photo of a t-shirt", "a pullover"]
+    ids, mask = tokenizer(prompts)
+    one_by_one = torch.cat([model.encode_text(ids[i:i + 1], mask[i:i + 1]) for i in range(len(prompts))])
+    for chunk in (1, 3, 64):
+        torch.testing.assert_close(model.encode_text(ids, mask, chunk=chunk), one_by_one, atol=1e-5, rtol=1e-5)
+    _, full = model.text(ids, mask)  # the whole padded batch through the tower, no cutting
+    torch.testing.assert_close(model.encode_text(ids, mask, chunk=3), F.normalize(model.text_proj(full), dim=-1),
+                               atol=1e-5, rtol=1e-5)
+    model.encode_text(ids, mask, chunk=3).sum().backward()
+    assert model.text.token_embedding.weight.grad.abs().sum() > 0
 
 
 def test_minilm_encoder_offline_matches_sentence_transformers(monkeypatch):

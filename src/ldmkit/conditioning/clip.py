@@ -46,26 +46,41 @@ class CLIPConfig:
 # ---------------------------------------------------------------------------------------------------- losses
 
 
-def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor,
-              logit_scale: torch.Tensor | float) -> torch.Tensor:
+def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor | float,
+              hard_negatives: torch.Tensor | None = None, hard_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Symmetric InfoNCE with in-batch negatives -> per-example loss (B,).
 
     logits = logit_scale * I T^T (B, B); example i's loss is the mean of the cross-entropy of image i over all texts
     and of text i over all images, the pair (i, i) being the positive. The batch mean is the CLIP loss.
+
+    hard_negatives (B, E), optional: one extra text per image (e.g. its own caption with one attribute changed) that
+    joins only that image's image-to-text softmax, as a further wrong answer (NegCLIP, Yuksekgonul et al. 2023);
+    rows where hard_mask (B,) bool is False have none. The text-to-image direction is unchanged.
     """
     if image_features.shape != text_features.shape or image_features.ndim != 2:
         raise ValueError(f"clip_loss needs image and text features of the same shape (B, E), got "
                          f"{tuple(image_features.shape)} and {tuple(text_features.shape)}")
     logits = logit_scale * image_features @ text_features.T  # (B, B), row i = image i against every text
     labels = torch.arange(logits.shape[0], device=logits.device)
-    image_to_text = F.cross_entropy(logits, labels, reduction="none")  # (B,)
+    i2t_logits = logits
+    if hard_negatives is not None:
+        if hard_negatives.shape != image_features.shape:
+            raise ValueError(f"hard_negatives {tuple(hard_negatives.shape)} must match the image features "
+                             f"{tuple(image_features.shape)}: one per image")
+        extra = logit_scale * (image_features * hard_negatives).sum(-1)  # (B,) image i against its hard negative
+        if hard_mask is not None:
+            extra = extra.masked_fill(~hard_mask.to(torch.bool), float("-inf"))  # exp(-inf) = 0: no such text
+        i2t_logits = torch.cat([logits, extra[:, None]], dim=1)  # (B, B + 1)
+    image_to_text = F.cross_entropy(i2t_logits, labels, reduction="none")  # (B,)
     text_to_image = F.cross_entropy(logits.T, labels, reduction="none")  # (B,)
     return 0.5 * (image_to_text + text_to_image)
 
 
 def clip_loss_gathered(image_features: torch.Tensor, text_features: torch.Tensor,
                        all_image_features: torch.Tensor, all_text_features: torch.Tensor, offset: int,
-                       logit_scale: torch.Tensor | float) -> torch.Tensor:
+                       logit_scale: torch.Tensor | float, hard_negatives: torch.Tensor | None = None,
+                       all_hard_negatives: torch.Tensor | None = None,
+                       all_hard_mask: torch.Tensor | None = None) -> torch.Tensor:
     """CLIP loss over the global batch of a distributed job -> per-example loss (N,) for all N = sum of local B.
 
     `all_*_features` (N, E) are the features all-gathered from every rank (treated as constants; see
@@ -73,7 +88,8 @@ def clip_loss_gathered(image_features: torch.Tensor, text_features: torch.Tensor
     local, gradient-carrying features, so negatives span every rank and this rank's loss has the exact gradient with
     respect to its own features. Every rank gets the same loss value; DDP's gradient mean over W ranks then gives
     the towers 1/W of the full-batch gradient and the temperature all of it (as open_clip does; with Adam the
-    per-parameter scale is immaterial).
+    per-parameter scale is immaterial). Hard negatives (see `clip_loss`) are gathered and spliced the same way:
+    local (B, E), gathered (N, E) and the gathered mask (N,).
     """
     B, N = image_features.shape[0], all_image_features.shape[0]
     if all_image_features.shape != all_text_features.shape or all_image_features.shape[1:] != image_features.shape[1:]:
@@ -86,8 +102,9 @@ def clip_loss_gathered(image_features: torch.Tensor, text_features: torch.Tensor
         gathered = gathered.detach()
         return torch.cat([gathered[:offset], local, gathered[offset + B:]])  # (N, E)
 
+    negatives = None if hard_negatives is None else splice(hard_negatives, all_hard_negatives)
     return clip_loss(splice(image_features, all_image_features), splice(text_features, all_text_features),
-                     logit_scale)
+                     logit_scale, negatives, all_hard_mask)
 
 
 def gather_features(features: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -158,12 +175,28 @@ class CLIPModel(nn.Module):
         pooled, _ = self.vision(images)  # (B, Dv)
         return F.normalize(self.image_proj(pooled), dim=-1)  # (B, E)
 
-    def encode_text(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Token ids (B, T) + mask -> unit-norm (B, E). Trailing all-padding columns are cut first (same result)."""
-        if mask is not None and mask.ndim == 2 and mask.shape[0] > 0:
-            T = max(int(mask.sum(1).max()), 1)  # padding invariance makes the cut exact
-            ids, mask = ids[:, :T], mask[:, :T]
-        _, pooled = self.text(ids, mask)  # (B, Dt)
+    def encode_text(self, ids: torch.Tensor, mask: torch.Tensor | None = None, chunk: int = 64) -> torch.Tensor:
+        """Token ids (B, T) + mask -> unit-norm (B, E).
+
+        Padding never changes a row's result (padded keys are masked out), so the padded work is skipped: rows are
+        sorted by length and encoded `chunk` at a time, each group cut to its own longest row. With captions of
+        mixed lengths (e.g. a few long noisy ones) this saves much of the text tower's cost; the result is the
+        same up to float rounding.
+        """
+        if mask is None or mask.ndim != 2 or mask.shape[0] == 0 or mask.shape != ids.shape:
+            _, pooled = self.text(ids, mask)  # (B, Dt); the tower checks the inputs
+            return F.normalize(self.text_proj(pooled), dim=-1)
+        lengths = mask.sum(1)  # (B,)
+        order = torch.argsort(lengths, stable=True) if ids.shape[0] > chunk else None
+        rows = torch.arange(ids.shape[0], device=ids.device) if order is None else order
+        parts = []
+        for group in rows.split(max(chunk, 1)):
+            T = max(int(lengths[group].max()), 1)  # trailing all-padding columns of this group
+            _, pooled = self.text(ids[group, :T], mask[group, :T])  # (b, Dt)
+            parts.append(pooled)
+        pooled = torch.cat(parts)  # (B, Dt) in `rows` order
+        if order is not None:
+            pooled = pooled[torch.argsort(order)]  # back to the input order
         return F.normalize(self.text_proj(pooled), dim=-1)  # (B, E)
 
     def _require_tokenizer(self) -> Tokenizer:

@@ -11,7 +11,9 @@ T = TypeVar("T")
 
 
 def train_parser(prog: str, description: str, presets: Mapping[str, object], default_preset: str,
-                 data: bool = True) -> argparse.ArgumentParser:
+                 data: bool = True, preset_by_data=None) -> argparse.ArgumentParser:
+    """The arguments every training command shares. With `preset_by_data` (data spec -> preset name) the default
+    preset is "auto": chosen from the resolved --data by `resolve_config`."""
     p = argparse.ArgumentParser(prog=prog, description=description,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     if data:
@@ -19,7 +21,12 @@ def train_parser(prog: str, description: str, presets: Mapping[str, object], def
                        help="fashion-mnist | shapes | folder:PATH; auto = fashion-mnist if installed, else shapes")
         p.add_argument("--data-dir", default=None, help="folder with the four Fashion-MNIST idx .gz files")
         p.add_argument("--skip-bad", action="store_true", help="folder data: warn and skip unreadable files")
-    p.add_argument("--preset", default=default_preset, choices=sorted(presets), help="named configuration")
+    if preset_by_data is None:
+        p.add_argument("--preset", default=default_preset, choices=sorted(presets), help="named configuration")
+    else:
+        p.add_argument("--preset", default="auto", choices=["auto", *sorted(presets)],
+                       help="named configuration; auto = the data's own preset")
+        p.set_defaults(preset_by_data=preset_by_data)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set train.lr=3e-4 (repeatable)")
     p.add_argument("--out", required=True, help="stage directory to write (config, weights, metrics, state)")
@@ -31,6 +38,8 @@ def train_parser(prog: str, description: str, presets: Mapping[str, object], def
 
 def resolve_config(args: argparse.Namespace, presets: Mapping[str, T]) -> T:
     """The preset named by --preset with every --set override applied (type-checked)."""
+    if args.preset == "auto":
+        args.preset = args.preset_by_data(resolve_data(args.data, args.data_dir))
     return apply_overrides(preset(presets, args.preset), args.overrides)
 
 
