@@ -215,7 +215,7 @@ def test_short_training_reaches_80_percent_on_5k_subset(fashion_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1500)  # ~10 minutes on 2 idle AVX2 cores in fp32; much less with bf16 units
+@pytest.mark.timeout(1500)  # fp32 on AVX2: 23 min on one core shared with another job (more cores: less)
 def test_full_recipe_reaches_92_percent(fashion_dir):
     xtr, ytr = load_fashion(fashion_dir, "train")
     xte, yte = load_fashion(fashion_dir, "test")
