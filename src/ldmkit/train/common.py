@@ -23,13 +23,13 @@ from pathlib import Path
 from typing import Any, Iterator, Literal, Mapping
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from ldmkit.checkpoint import (load_safetensors, load_state, provenance, read_json, save_safetensors, save_state,
                                write_json)
 from ldmkit.config import to_dict
 from ldmkit.nn import bf16_is_fast
+from ldmkit.train.distributed import all_reduce_mean, init_distributed, wrap_ddp  # noqa: F401 (re-exported)
 
 
 @dataclass(frozen=True)
@@ -89,15 +89,15 @@ def autocast(device: torch.device, precision: str):
     AMX) every bf16 kernel is emulated and a training step runs 10-20x slower than in fp32 (measured on an AVX2
     machine), so there the step runs in fp32 and the run's log says so (`effective_precision`).
     """
-    if precision == "fp32":
-        return nullcontext()
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16) if bf16_is_fast(device) else nullcontext()
-    raise ValueError(f"unknown precision {precision!r}; use fp32 or bf16 (fp16 is very slow on CPU)")
+    if effective_precision(device, precision) == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
 
 
 def effective_precision(device: torch.device, precision: str) -> str:
     """The precision `autocast(device, precision)` actually runs at."""
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"unknown precision {precision!r}; use fp32 or bf16 (fp16 is very slow on CPU)")
     return "bf16" if precision == "bf16" and bf16_is_fast(device) else "fp32"
 
 
@@ -187,37 +187,6 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int, rank: int = 0,
 def index_generator(seed: int, index: int) -> torch.Generator:
     """A generator seeded by (seed, global index): draws that do not depend on batch layout."""
     return torch.Generator().manual_seed((seed * 6364136223846793005 + index * 1442695040888963407) % (2**63))
-
-
-# ----------------------------------------------------------------------------- distributed
-
-def init_distributed() -> tuple[int, int]:
-    """Join the torchrun process group if there is one; returns (rank, world_size)."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        ids = [device.index] if device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    return model
-
-
-def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
-    if not (dist.is_initialized() and dist.get_world_size() > 1) or not values:
-        return values
-    t = torch.tensor(list(values.values()), dtype=torch.float64)
-    dist.all_reduce(t)
-    t /= dist.get_world_size()
-    return dict(zip(values, t.tolist()))
 
 
 # ----------------------------------------------------------------------------- the run directory
