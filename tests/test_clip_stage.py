@@ -247,6 +247,24 @@ def test_hard_negative_changes_one_attribute_of_the_scene():
     assert clip_stage.hard_negative(ds, 0, state, r, 0.0, "x") is None and r.getstate() == state  # p=0 draws nothing
 
 
+def test_hard_negative_weights_pick_the_attribute():
+    from ldmkit.data import load_dataset
+    from ldmkit.data.shape_captions import SHAPE_WORDS
+    ds = load_dataset("shapes", split="test", num=100)
+    for i in range(100):
+        r = random.Random(i)
+        state = r.getstate()
+        pos = ds.caption(i, r)
+        neg = clip_stage.hard_negative(ds, i, state, r, 1.0, pos, weights=(1.0, 0.0, 0.0))
+        truth = ds.label_names["shape"][int(ds.labels["shape"][i])]
+        assert not any(w in neg.split() for w in SHAPE_WORDS[truth][:1]) and neg != pos  # only the shape moved
+        assert neg.replace(" ", "") != pos.replace(" ", "")
+    with pytest.raises(ValueError, match="hard_negative_weights"):
+        clip_stage.CLIPStage(hard_negative_weights=(0.0, 0.0, 0.0))
+    with pytest.raises(ValueError, match="hard_negative_weights"):
+        clip_stage.CLIPStage(hard_negative_weights=(1.0, 1.0))
+
+
 def _with_state(state):
     r = random.Random()
     r.setstate(state)

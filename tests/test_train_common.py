@@ -23,7 +23,7 @@ class Stop(Exception):
     pass
 
 
-def toy_train(out, cfg=ToyConfig(), resume=False, stop_after=None, poison_at=None):
+def toy_train(out, cfg=ToyConfig(), resume=False, stop_after=None, poison_at=None, clock=None, lrs=None):
     """A miniature stage loop written the way every ldmkit stage is (dropout makes it consume RNG)."""
     tc = cfg.train
     run = common.start_run(out, cfg, tc, "toy", data="synthetic", resume=resume, progress=False)
@@ -37,7 +37,11 @@ def toy_train(out, cfg=ToyConfig(), resume=False, stop_after=None, poison_at=Non
     step = start
     for step in run.steps(start, tc.steps):
         idx, _ = common.batch_indices(len(x), tc.batch_size, step, tc.seed)
-        common.set_lr(opt, common.lr_at(step, tc))
+        common.set_lr(opt, common.lr_at(run.nominal(step), tc))
+        if lrs is not None:
+            lrs.append(opt.param_groups[0]["lr"])
+        if clock is not None:
+            clock.t += 1.0  # every step takes one second of the fake clock
         loss = ((model(x[idx]) - y[idx]) ** 2).mean()
         if poison_at is not None and step == poison_at:
             loss = loss * float("nan")
@@ -45,14 +49,14 @@ def toy_train(out, cfg=ToyConfig(), resume=False, stop_after=None, poison_at=Non
         common.clip_grad(model.parameters(), tc.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        common.ema_update(ema, model, tc.ema_halflife_steps)
+        common.ema_update(ema, model, run.halflife(tc.ema_halflife_steps))
         run.log(step, loss=loss.item())
         if run.should(tc.ckpt_every, step):
             run.save(step + 1, {"model": model, "ema": ema}, {"opt": opt}, ema.state_dict())
             if stop_after is not None and step + 1 >= stop_after:
                 raise Stop
         step += 1
-    run.finish(ema.state_dict(), {"final_loss": loss.item()}, tc.steps)
+    run.finish(ema.state_dict(), {"final_loss": loss.item()}, step)
     return model, ema
 
 
@@ -73,6 +77,48 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert torch.equal(load_safetensors(tmp_path / "a" / "model.safetensors")["3.weight"], full_ema[3].weight)
     m = read_json(tmp_path / "a" / "metrics.json")
     assert m["steps_done"] == 24 and m["torch"] == torch.__version__ and m["data"] == "synthetic"
+
+
+class FakeClock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_fit_budget_compresses_the_schedule_and_resumes_exactly(tmp_path, monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(common.time, "perf_counter", clock)
+    tc = replace(ToyConfig().train, steps=100, warmup_steps=10, max_minutes=0.5, fit_budget=True,
+                 ema_halflife_steps=20.0)
+    cfg = ToyConfig(train=tc)
+    lrs = []
+    model, ema = toy_train(tmp_path / "a", cfg, clock=clock, lrs=lrs)
+    # 15 steps at 1 s (3 untimed + 12 timed), then 0.94 * 30 s - 15 s = 13.2 s left: 13 more steps
+    plan = read_json(tmp_path / "a" / "plan.json")
+    assert plan["steps"] == 28 and plan["nominal_steps"] == 100 and plan["step_seconds"] == pytest.approx(1.0)
+    m = read_json(tmp_path / "a" / "metrics.json")
+    assert m["steps_done"] == 28 and m["planned_steps"] == 28 and not m["stopped_early"]
+    assert len(lrs) == 28
+    ratio = 100 / 28
+    assert lrs[20] == pytest.approx(common.lr_at(20 * ratio, tc))  # the whole schedule, compressed
+    assert lrs[-1] == pytest.approx(common.lr_at(27 * ratio, tc)) and lrs[-1] < 0.12 * tc.lr
+    # a run stopped after the plan resumes on the same plan and ends with the same weights
+    clock.t = 0.0
+    with pytest.raises(Stop):
+        toy_train(tmp_path / "b", cfg, stop_after=18, clock=clock)
+    clock.t = 0.0
+    res_model, res_ema = toy_train(tmp_path / "b", cfg, resume=True, clock=clock)
+    for p, q in zip(ema.state_dict().values(), res_ema.state_dict().values()):
+        assert torch.equal(p, q)
+    assert read_json(tmp_path / "b" / "metrics.json")["steps_done"] == 28
+
+
+def test_fit_to_budget_counts():
+    assert common.fit_to_budget(100, 15, 2.0, 41.0) == 35
+    assert common.fit_to_budget(100, 15, 0.01, 1e6) == 100  # never more than configured
+    assert common.fit_to_budget(100, 15, 5.0, -3.0) == 16   # over budget already: at least one more step
 
 
 def test_existing_run_and_resume_errors(tmp_path):

@@ -57,7 +57,7 @@ def _train(**kw) -> TrainConfig:
     # grad_clip 0: the losses are per-image sums over ~1000 pixels, so gradient norms are O(1e3); clipping at 1
     # would rescale every step. Adam's updates are bounded by the learning rate anyway.
     return TrainConfig(**{"log_every": 100, "ckpt_every": 500, "sample_every": 500, "grad_clip": 0.0,
-                          "precision": "bf16", "max_minutes": 12, **kw})
+                          "precision": "bf16", "max_minutes": 12, "fit_budget": True, **kw})
 
 
 # The discriminator learns alone from step 2200 and its adaptively weighted term reaches the autoencoder for the
@@ -180,24 +180,25 @@ def train(cfg: AutoencoderStage, out, spec: str, ds, resume: bool = False, init_
         idx, gidx = common.batch_indices(len(ds), tc.batch_size, step, tc.seed, run.rank, run.world)
         x = ds.to_float(ds.images[idx]).to(run.device)  # (B, C, H, W) in [-1, 1]
         gen = torch.Generator(run.device).manual_seed(example_seed(tc.seed, int(gidx[0]), NOISE_STREAM))
-        gan_on = disc is not None and disc_factor(lc, step) > 0  # the adversarial term reaches the autoencoder
-        d_on = disc is not None and lc.uses_gan and step >= lc.disc_start - cfg.disc_warmup_steps
-        common.set_lr(opt, common.lr_at(step, tc))
+        at = run.nominal(step)  # the schedule's step (differs from step when the run is fitted to its budget)
+        gan_on = disc is not None and disc_factor(lc, at) > 0  # the adversarial term reaches the autoencoder
+        d_on = disc is not None and lc.uses_gan and at >= lc.disc_start - cfg.disc_warmup_steps
+        common.set_lr(opt, common.lr_at(run.nominal(step), tc))
         if disc is not None:
             disc.requires_grad_(False)  # the generator step must not write gradients into the discriminator
         with common.autocast(run.device, tc.precision):
             recon, posterior = net(x, sample=True, generator=gen)  # z ~ q(z|x), seeded by (seed, sample index)
-            loss, terms = generator_loss(lc, x, recon, posterior, step, lpips, disc if gan_on else None,
+            loss, terms = generator_loss(lc, x, recon, posterior, at, lpips, disc if gan_on else None,
                                          model.last_layer(), logvar)
         loss.backward()
         gnorm = common.clip_grad(opt.param_groups[0]["params"], tc.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        common.ema_update(ema, model, tc.ema_halflife_steps)
+        common.ema_update(ema, model, run.halflife(tc.ema_halflife_steps))
         if d_on:
             disc.requires_grad_(True)
             with common.autocast(run.device, tc.precision):  # recon is detached inside; warm-up counts as on
-                d_loss, d_terms = discriminator_loss(lc, dnet, x, recon, max(step, lc.disc_start))
+                d_loss, d_terms = discriminator_loss(lc, dnet, x, recon, max(at, lc.disc_start))
             d_loss.backward()
             common.clip_grad(disc.parameters(), tc.grad_clip)
             optimizers["opt_disc"].step()

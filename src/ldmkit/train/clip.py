@@ -31,6 +31,7 @@ from ldmkit.train.args import load_data, resolve_config, train_parser
 from ldmkit.train.common import TrainConfig
 
 CAPTION_STREAM, AUGMENT_STREAM = 2, 3  # example_seed streams of the caption and augmentation draws
+HARD_NEGATIVE_ATTRIBUTES = ("shape", "color", "position")  # the attributes a hard-negative caption changes
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,8 @@ class CLIPStage:
     caption_noise: float = 0.0        # probability of inserting 1-3 random letter strings into a training caption
     hard_negatives: float = 0.0       # probability that an example also gets a hard-negative caption (its scene
                                       # with the shape, colour or position changed); needs the shapes data
+    hard_negative_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # relative odds that a hard negative
+                                      # changes the shape, the colour or the position
     eval_images: int = 2000           # test images for the zero-shot figures in metrics.json; 0 = none
 
     def __post_init__(self):
@@ -56,6 +59,10 @@ class CLIPStage:
                              f"{self.eval_images}, {self.caption_noise}")
         if not 0 <= self.hard_negatives <= 1:
             raise ValueError(f"CLIPStage.hard_negatives is a probability in [0, 1], got {self.hard_negatives}")
+        w = self.hard_negative_weights
+        if len(w) != len(HARD_NEGATIVE_ATTRIBUTES) or min(w) < 0 or sum(w) <= 0:
+            raise ValueError(f"CLIPStage.hard_negative_weights={w} needs {len(HARD_NEGATIVE_ATTRIBUTES)} weights >= 0 "
+                             f"(for {', '.join(HARD_NEGATIVE_ATTRIBUTES)}) with a positive sum, e.g. [4, 1, 1]")
 
 
 PRESETS = {
@@ -72,7 +79,7 @@ PRESETS = {
                          embed_dim=128),
         train=TrainConfig(steps=2400, batch_size=128, lr=1e-3, warmup_steps=200, weight_decay=0.05,
                           betas=(0.9, 0.98), ema_halflife_steps=100, precision="bf16", log_every=100,
-                          ckpt_every=400, max_minutes=8),
+                          ckpt_every=400, max_minutes=8, fit_budget=True),
         shift=2, hflip=True, caption_noise=0.5),
     # Shapes: 16 tokens from a stride-2 conv stem, position embeddings starting from the 2-D sin-cos table (with the
     # 0.02-std start neither tower learned position: 11%, chance), and half the examples contrasted with their own
@@ -87,7 +94,7 @@ PRESETS = {
                          embed_dim=128),
         train=TrainConfig(steps=1300, batch_size=128, lr=1e-3, warmup_steps=100, weight_decay=0.05,
                           betas=(0.9, 0.98), ema_halflife_steps=50, precision="bf16", log_every=100,
-                          ckpt_every=200, max_minutes=8),
+                          ckpt_every=200, max_minutes=8, fit_budget=True),
         shift=1, hard_negatives=0.5),
 }
 
@@ -154,11 +161,12 @@ def noisy_caption(caption: str, rng: random.Random, p: float) -> str:
     return " ".join(words)
 
 
-HARD_NEGATIVE_ATTRIBUTES = ("shape", "color", "position")  # the attributes a hard-negative caption changes
 
 
-def hard_negative(ds, i: int, state: tuple, rng: random.Random, p: float, positive: str) -> str | None:
-    """With probability p, a caption of example i's scene with its shape, colour or position changed, else None.
+def hard_negative(ds, i: int, state: tuple, rng: random.Random, p: float, positive: str,
+                  weights: tuple[float, ...] = (1.0, 1.0, 1.0)) -> str | None:
+    """With probability p, a caption of example i's scene with its shape, colour or position changed (chosen with
+    the relative odds `weights`), else None.
 
     `state` is the state the caption rng had before it drew the positive caption, so the negative repeats the
     positive's wording wherever the changed word allows (Python's choice among a different number of synonyms can
@@ -171,7 +179,7 @@ def hard_negative(ds, i: int, state: tuple, rng: random.Random, p: float, positi
     from ldmkit.data.shape_captions import shape_caption
     if p <= 0 or rng.random() >= p:
         return None
-    attribute = rng.choice(HARD_NEGATIVE_ATTRIBUTES)
+    attribute = rng.choices(HARD_NEGATIVE_ATTRIBUTES, weights=weights)[0]
     values = {k: int(ds.labels[k][i]) for k in ("shape", "color", "size", "position", "background")}
     choices = [v for v in range(len(ds.label_names[attribute])) if v != values[attribute]]
     values[attribute] = rng.choice(choices)
@@ -261,12 +269,13 @@ def train(cfg: CLIPStage, out, spec: str, ds, resume: bool = False, init_from: s
         for i, r in zip(idx.tolist(), rngs):
             state = r.getstate()
             captions.append(noisy_caption(ds.caption(i, r), r, cfg.caption_noise))
-            negatives.append(hard_negative(ds, i, state, r, cfg.hard_negatives, captions[-1])
+            negatives.append(hard_negative(ds, i, state, r, cfg.hard_negatives, captions[-1],
+                                           cfg.hard_negative_weights)
                              if cfg.hard_negatives else None)
         texts = captions + [n for n in negatives if n is not None]
         distinct = {c: k for k, c in enumerate(dict.fromkeys(texts))}  # each distinct caption is encoded once
         ids, mask = tok(list(distinct))
-        common.set_lr(opt, common.lr_at(step, tc))
+        common.set_lr(opt, common.lr_at(run.nominal(step), tc))
         with common.autocast(run.device, tc.precision):
             img, txt_all, scale = net(x, ids.to(run.device), mask.to(run.device))  # (B, E), (U, E), ()
         txt = txt_all[torch.tensor([distinct[c] for c in captions], device=run.device)]  # (B, E)
@@ -281,7 +290,7 @@ def train(cfg: CLIPStage, out, spec: str, ds, resume: bool = False, init_from: s
         opt.step()
         opt.zero_grad(set_to_none=True)
         model.clamp_logit_scale_()
-        common.ema_update(ema, model, tc.ema_halflife_steps)
+        common.ema_update(ema, model, run.halflife(tc.ema_halflife_steps))
         run.log(step, loss=loss.item() / run.world, logit_scale=scale.item(), lr=opt.param_groups[0]["lr"])
         if run.should(tc.ckpt_every, step):
             run.save(step + 1, {"model": model, "ema": ema}, {"opt": opt}, export.state_dict())

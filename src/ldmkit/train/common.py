@@ -50,6 +50,8 @@ class TrainConfig:
     ckpt_every: int = 500                    # resume checkpoint interval (state.pt + model.safetensors)
     sample_every: int = 0                    # image grid interval during training; 0 = only at the end
     max_minutes: float = 0.0                 # wall-clock budget; the run saves and stops when it is spent; 0 = none
+    fit_budget: bool = False                 # with max_minutes: time the first steps and shrink the whole schedule
+                                             # (steps, warmup, EMA, stage step settings) to end inside the budget
     threads: int = 0                         # torch intra-op threads; 0 keeps torch's default
     tensorboard: bool = False                # also log scalars to DIR/tb (needs the tensorboard package)
 
@@ -221,6 +223,7 @@ class Run:
         self._bar = None
         self._tb = None
         self.stopped_early = False
+        self.total, self.ratio = tc.steps, 1.0  # steps this run takes; nominal steps per actual step
         seed_everything(tc.seed)
 
     def _check_dir(self) -> None:
@@ -289,19 +292,61 @@ class Run:
 
     # -- loop helpers
     def steps(self, start: int, total: int) -> Iterator[int]:
-        """Step indices start..total-1 with a progress bar; stops early when `max_minutes` is spent."""
+        """Step indices start..total-1 with a progress bar; stops early when `max_minutes` is spent.
+
+        With `train.fit_budget` the first steps are timed and the run is planned to end inside `max_minutes`
+        (see `fit_to_budget`); the plan is kept in DIR/plan.json, so a resumed run follows the same schedule.
+        """
         from tqdm.auto import tqdm
-        self._bar = tqdm(total=total, initial=start, desc=self.stage, disable=not self._progress,
-                         dynamic_ncols=True, file=sys.stderr)
         budget = self.tc.max_minutes * 60
+        fitting = self.tc.fit_budget and budget > 0
+        self.total, self.ratio = total, 1.0
+        if fitting and self.resume and (self.dir / PLAN_FILE).is_file():
+            self._set_plan(read_json(self.dir / PLAN_FILE)["steps"], total)
+            fitting = False
+        self._bar = tqdm(total=self.total, initial=start, desc=self.stage,
+                         disable=not self._progress, dynamic_ncols=True, file=sys.stderr)
         self._step_last = start
-        for step in range(start, total):
+        t_calib = None
+        step = start
+        while step < min(total, self.total):
             if budget and time.perf_counter() - self._t0 > budget:
                 self.stopped_early = True
                 self.print(f"time budget of {self.tc.max_minutes} min spent at step {step}; saving and stopping")
                 return
+            if fitting and step == start + CALIB_SKIP:
+                t_calib = time.perf_counter()
+            if fitting and step == start + CALIB_SKIP + CALIB_STEPS:
+                step_s = all_reduce_mean({"s": (time.perf_counter() - t_calib) / CALIB_STEPS})["s"]
+                left = budget * (1 - BUDGET_RESERVE) - (time.perf_counter() - self._t0)
+                self._set_plan(fit_to_budget(total, step, step_s, left), total)
+                fitting = False
+                if self.is_main:
+                    write_json(self.dir / PLAN_FILE, {"steps": self.total, "nominal_steps": total,
+                                                      "step_seconds": round(step_s, 4), "budget_minutes":
+                                                      self.tc.max_minutes})
+                self.print(f"time budget: {step_s * 1000:.0f} ms/step, so {self.total} of {total} steps fit "
+                           f"{self.tc.max_minutes} min; the schedule is compressed {self.ratio:.2f}x (plan.json)")
+                self._bar.total = self.total
+                self._bar.refresh()
             yield step
             self._bar.update(1)
+            step += 1
+
+    def _set_plan(self, steps: int, nominal: int) -> None:
+        self.total = max(1, min(int(steps), nominal))
+        self.ratio = nominal / self.total
+        self.info["planned_steps"] = self.total
+
+    def nominal(self, step: int) -> float:
+        """The step of the configured schedule that actual step `step` stands for (step * ratio); schedules
+        (learning rate, GAN switch-on, ...) are read at this step, so a budget-fitted run goes through the whole
+        schedule in fewer steps."""
+        return step * self.ratio
+
+    def halflife(self, steps: float) -> float:
+        """An EMA half-life in configured steps, in actual steps of this run."""
+        return steps / self.ratio
 
     def log(self, step: int, **scalars: float) -> None:
         """Record scalars for `step`; a non-finite loss stops the run; one line per `log_every` steps."""
@@ -312,7 +357,7 @@ class Run:
                                        f"checkpoint in {self.dir} is intact (resume with --resume); lower "
                                        "train.lr, keep train.grad_clip on, or try train.precision=fp32")
             self._acc.setdefault(k, []).append(v)
-        if (step + 1) % self.tc.log_every == 0 or step + 1 == self.tc.steps:
+        if (step + 1) % self.tc.log_every == 0 or step + 1 == self.total:
             self._flush(step)
 
     def _flush(self, step: int) -> None:
@@ -363,6 +408,19 @@ class Run:
 
     def should(self, every: int, step: int) -> bool:
         return every > 0 and (step + 1) % every == 0
+
+
+PLAN_FILE = "plan.json"
+CALIB_SKIP, CALIB_STEPS = 3, 12  # steps left untimed (allocation, caches), then timed for the budget plan
+BUDGET_RESERVE = 0.06  # share of the budget kept free (later steps that cost more, the final checkpoint)
+
+
+def fit_to_budget(total: int, done: int, step_seconds: float, seconds_left: float) -> int:
+    """How many steps a run can take: the `done` ones plus as many as fit `seconds_left` at `step_seconds` each,
+    never more than `total`."""
+    if step_seconds <= 0:
+        return total
+    return max(done + 1, min(total, done + int(max(0.0, seconds_left) / step_seconds)))
 
 
 def start_run(out_dir, cfg, tc: TrainConfig, stage: str, **kw) -> Run:

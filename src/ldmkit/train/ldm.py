@@ -129,14 +129,14 @@ def train(cfg: LDMConfig, out, spec: str, ds, ae_dir: str, text_spec: str, resum
         x0 = draw_latents(cache, idx, gidx, tc.seed, c.scale_factor, c.shift_factor, cfg.latent_sample)
         captions = [ds.caption(int(i), random.Random(example_seed(tc.seed, int(g), 2))) for i, g in zip(idx, gidx)]
         cond = {k: v.to(run.device) for k, v in encode(captions).items() if k != "drop"}
-        common.set_lr(opt, common.lr_at(step, tc))
+        common.set_lr(opt, common.lr_at(run.nominal(step), tc))
         with common.autocast(run.device, tc.precision):
             loss = training_loss(net, x0.to(run.device), cond, gidx, cfg.objective, tc.seed).mean()
         loss.backward()
         gnorm = common.clip_grad(model.parameters(), tc.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        common.ema_update(ema, model, tc.ema_halflife_steps)
+        common.ema_update(ema, model, run.halflife(tc.ema_halflife_steps))
         run.log(step, loss=loss.item(), grad_norm=gnorm, lr=opt.param_groups[0]["lr"])
         if run.is_main and run.should(tc.sample_every, step):
             sample_grid(ema, cfg, encode, prompts_grid, ae, Path(out) / f"samples-{step + 1:06d}.png")

@@ -20,7 +20,7 @@ from ldmkit.config import apply_overrides, preset
 @dataclass(frozen=True)
 class StagePlan:
     preset: str                      # the stage's own preset name
-    minutes: float                   # wall-clock budget (train.max_minutes)
+    minutes: float                   # wall-clock budget (train.max_minutes, schedule fitted to it; 0 = none)
     overrides: tuple[str, ...] = ()  # extra --set overrides for the stage
 
 
@@ -54,7 +54,8 @@ PRESETS = {
 
 def _stage_cfg(presets, plan: StagePlan, extra: list[str]):
     cfg = preset(presets, plan.preset, "stage preset")
-    return apply_overrides(cfg, [f"train.max_minutes={plan.minutes}", *plan.overrides, *extra])
+    budget = [f"train.max_minutes={plan.minutes}", f"train.fit_budget={'true' if plan.minutes else 'false'}"]
+    return apply_overrides(cfg, [*budget, *plan.overrides, *extra])
 
 
 def _run_stage(name: str, out: Path, fn) -> None:
