@@ -247,6 +247,21 @@ def test_hard_negative_changes_one_attribute_of_the_scene():
     assert clip_stage.hard_negative(ds, 0, state, r, 0.0, "x") is None and r.getstate() == state  # p=0 draws nothing
 
 
+def test_lock_text_steps_keeps_the_text_tower_at_its_start(shapes_run, tmp_path):
+    # the fixture's run trained both towers for the preset's 24 steps from the same seed
+    assert cli(train_args(tmp_path / "locked", "--set", "lock_text_steps=1000", "--set", "eval_images=0")) == 0
+    assert cli(train_args(tmp_path / "short", "--set", "lock_text_steps=1000", "--set", "eval_images=0",
+                          "--set", "train.steps=6")) == 0
+    free, locked = load_file(shapes_run / "model.safetensors"), load_file(tmp_path / "locked" / "model.safetensors")
+    short = load_file(tmp_path / "short" / "model.safetensors")
+    text = [k for k in locked if k.startswith(("text.", "text_proj."))]
+    vision = [k for k in locked if k.startswith(("vision.", "image_proj."))]
+    assert text and vision
+    assert all(torch.equal(locked[k], short[k]) for k in text)  # 6 or 24 steps: the text tower never moved
+    assert not all(torch.equal(locked[k], short[k]) for k in vision)  # while the image tower trained
+    assert not all(torch.equal(locked[k], free[k]) for k in text)  # unlocked, the text tower trains
+
+
 def test_hard_negative_weights_pick_the_attribute():
     from ldmkit.data import load_dataset
     from ldmkit.data.shape_captions import SHAPE_WORDS

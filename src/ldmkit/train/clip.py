@@ -47,6 +47,8 @@ class CLIPStage:
                                       # with the shape, colour or position changed); needs the shapes data
     hard_negative_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # relative odds that a hard negative
                                       # changes the shape, the colour or the position
+    lock_text_steps: int = 0          # the text tower and its projection stay at their initialisation this many
+                                      # steps while the image tower learns to match them (LiT-style locking)
     eval_images: int = 2000           # test images for the zero-shot figures in metrics.json; 0 = none
 
     def __post_init__(self):
@@ -75,7 +77,7 @@ PRESETS = {
     "fashion-mnist": CLIPStage(
         model=CLIPConfig(text=TextConfig(vocab_size=512, max_length=40, width=128, layers=2, heads=4),
                          vision=ViTConfig(image_size=32, channels=1, patch_size=8, width=128, layers=4, heads=4,
-                                          pool="mean"),
+                                          pool="mean", pos_init="sincos", stem="conv"),
                          embed_dim=128),
         train=TrainConfig(steps=2400, batch_size=128, lr=1e-3, warmup_steps=200, weight_decay=0.05,
                           betas=(0.9, 0.98), ema_halflife_steps=100, precision="bf16", log_every=100,
@@ -258,6 +260,7 @@ def train(cfg: CLIPStage, out, spec: str, ds, resume: bool = False, init_from: s
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     net = common.wrap_ddp(model, run.device)
     opt = common.make_adamw(model.parameters(), tc)
+    text_params = [*model.text.parameters(), *model.text_proj.parameters()]
     start = run.restore({"model": model, "ema": ema}, {"opt": opt})
     export = ema if tc.ema_halflife_steps > 0 else model
     step, loss, scale = start, torch.zeros(()), model.logit_scale()
@@ -286,6 +289,9 @@ def train(cfg: CLIPStage, out, spec: str, ds, resume: bool = False, init_from: s
                                        device=run.device)]  # (B, E); rows without a negative are masked out
         loss = contrastive_loss(img, txt, scale, run.world, neg, neg_mask)
         loss.backward()
+        if run.nominal(step) < cfg.lock_text_steps:
+            for p in text_params:
+                p.grad = None  # AdamW leaves parameters without a gradient untouched (no decay, no moments)
         common.clip_grad(model.parameters(), tc.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
