@@ -1,6 +1,6 @@
 """CLIP presets against the conditioning issue's targets: Fashion-MNIST zero-shot and per-attribute shapes accuracy.
 
-    .venv/bin/python benchmarks/bench_clip.py [--data fashion-mnist|shapes ...] [--run DIR] [--train-dir DIR]
+    .venv/bin/python benchmarks/bench_clip.py [--data fashion-mnist|shapes ...] [--run DIR ...] [--train-dir DIR]
         [--set KEY=VALUE ...] [--out benchmarks/results/clip.json]
 
 Without --run each dataset's preset is trained first (`ldmkit train clip --data D`, 8 minutes with the schedule
@@ -62,20 +62,21 @@ def checks(spec: str, res: dict, facts: dict) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", action="append", choices=sorted(TARGETS), help="dataset(s); default both")
-    p.add_argument("--run", default=None, help="evaluate this CLIP stage (one --data); no training")
+    p.add_argument("--run", action="append", help="evaluate this CLIP stage, one per --data in order; no training")
     p.add_argument("--train-dir", default="/tmp/ldmkit-bench-clip", help="where to train, one folder per dataset")
     p.add_argument("--set", dest="overrides", action="append", default=[], help="preset override (training)")
     p.add_argument("--out", default="benchmarks/results/clip.json")
     args = p.parse_args(argv)
     specs = args.data or sorted(TARGETS)
-    if args.run and len(specs) != 1:
-        p.error("--run evaluates one stage: give exactly one --data")
+    if args.run and len(args.run) != len(specs):
+        p.error("give one --run per --data, in the same order")
+    runs = dict(zip(specs, args.run or []))
     from ldmkit.eval.clip_cli import evaluate, find_clip_dir, load
     result = {"torch": torch.__version__, "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
               **provenance(), "targets": TARGETS, "datasets": {}}
     for spec in specs:
         section: dict = {"loadavg_start": os.getloadavg()}
-        stage = Path(args.run) if args.run else Path(args.train_dir) / spec
+        stage = Path(runs[spec]) if args.run else Path(args.train_dir) / spec
         if not args.run:
             if stage.exists():
                 p.error(f"{stage} exists; remove it or evaluate it with --run {stage} --data {spec}")
