@@ -262,6 +262,46 @@ def test_lock_text_steps_keeps_the_text_tower_at_its_start(shapes_run, tmp_path)
     assert not all(torch.equal(locked[k], free[k]) for k in text)  # unlocked, the text tower trains
 
 
+def test_shape_twins_redraw_the_scene_with_only_the_shape_changed():
+    from ldmkit.data import load_dataset
+    from ldmkit.data.shape_captions import shape_caption
+    from ldmkit.data.shapes import redraw
+    ds = load_dataset("shapes", split="train", num=300)
+    assert torch.equal(redraw(ds, range(300)), ds.images)  # no change: the same pixels
+    allowed = clip_stage.training_pairs(ds)
+    assert len(allowed) == 36 - len(ds.meta["heldout"])
+    keys = ("shape", "color", "size", "position", "background")
+    for i in range(300):
+        r = random.Random(i)
+        state = r.getstate()
+        pos = ds.caption(i, r)
+        values, caption = clip_stage.shape_twin(ds, i, state, random.Random(-i), allowed)
+        truth = {k: int(ds.labels[k][i]) for k in keys}
+        changed = [k for k in keys if values[k] != truth[k]]
+        assert changed in (["shape"], ["color"]) and (values["shape"], values["color"]) in allowed
+        if changed == ["color"]:  # only when no other shape of this colour is a training pair
+            assert not any((s, truth["color"]) in allowed for s in range(6) if s != truth["shape"])
+        assert caption == shape_caption(**values, rng=_with_state(state)) and caption != pos
+        twin = redraw(ds, [i], shape=values["shape"], color=values["color"])[0]
+        assert not torch.equal(twin, ds.images[i])
+    with pytest.raises(ValueError, match="shape_twins"):
+        clip_stage.fit_to_data(clip_stage.CLIPStage(shape_twins=True), load_dataset_small_fashion())
+
+
+def test_shape_twins_train(tmp_path):
+    assert cli(train_args(tmp_path / "t", "--set", "shape_twins=true", "--set", "train.steps=3",
+                          "--set", "eval_images=0")) == 0
+    rows = [json.loads(r) for r in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()]
+    assert rows and all(np.isfinite(r["loss"]) for r in rows)
+    assert rows[-1]["img_per_s"] > 0
+
+
+def load_dataset_small_fashion():
+    from ldmkit.data import ImageDataset
+    return ImageDataset(name="folder:x", images=torch.zeros(2, 1, 32, 32, dtype=torch.uint8), labels={},
+                        label_names={}, captioner=lambda i, r: "a thing")
+
+
 def test_hard_negative_weights_pick_the_attribute():
     from ldmkit.data import load_dataset
     from ldmkit.data.shape_captions import SHAPE_WORDS

@@ -184,4 +184,20 @@ def load_shapes(split: str = "train", image_size: int = 32, num: int | None = No
     return ImageDataset(
         name=f"shapes/{split}", images=torch.from_numpy(images),
         labels={k: torch.from_numpy(v) for k, v in lab.items()}, label_names={k: list(v) for k, v in names.items()},
-        captioner=captioner, meta={"heldout": [(SHAPES[s], COLORS[c]) for s, c in held], "seed": seed})
+        captioner=captioner, meta={"heldout": [(SHAPES[s], COLORS[c]) for s, c in held], "seed": seed,
+                                   "jitter": a["jitter"], "image_size": image_size})
+
+
+def redraw(ds: ImageDataset, idx, **changes) -> torch.Tensor:
+    """Scenes `idx` of a shapes dataset drawn again with some attributes replaced (arrays or ints, e.g.
+    shape=...), the same jitter otherwise: uint8 (n, 3, S, S). With no changes it reproduces ds.images[idx]."""
+    if "jitter" not in ds.meta:
+        raise ValueError(f"{ds.name} is not a generated shapes dataset: its scenes cannot be redrawn")
+    idx = np.asarray(idx, dtype=np.int64)
+    keys = ["shape", "color", "size", "position", "background"]
+    unknown = set(changes) - set(keys)
+    if unknown:
+        raise ValueError(f"redraw: unknown attributes {sorted(unknown)}; use {keys}")
+    values = [np.broadcast_to(np.asarray(changes[k]), idx.shape) if k in changes else ds.labels[k].numpy()[idx]
+              for k in keys]
+    return torch.from_numpy(draw(*values, ds.meta["jitter"][idx], ds.meta["image_size"]))

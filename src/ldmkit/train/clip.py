@@ -25,12 +25,14 @@ import torch.nn.functional as F
 
 from ldmkit.conditioning import (CLIPConfig, CLIPModel, TextConfig, Tokenizer, ViTConfig, clip_loss,
                                  clip_loss_gathered, gather_features, train_tokenizer)
+from ldmkit.data.shapes import redraw
 from ldmkit.diffusion.samplers import example_seed
 from ldmkit.train import common
 from ldmkit.train.args import load_data, resolve_config, train_parser
 from ldmkit.train.common import TrainConfig
 
-CAPTION_STREAM, AUGMENT_STREAM = 2, 3  # example_seed streams of the caption and augmentation draws
+CAPTION_STREAM, AUGMENT_STREAM, TWIN_STREAM = 2, 3, 4  # example_seed streams of the caption, augmentation and
+                                                        # shape-twin draws
 HARD_NEGATIVE_ATTRIBUTES = ("shape", "color", "position")  # the attributes a hard-negative caption changes
 
 
@@ -47,6 +49,8 @@ class CLIPStage:
                                       # with the shape, colour or position changed); needs the shapes data
     hard_negative_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # relative odds that a hard negative
                                       # changes the shape, the colour or the position
+    shape_twins: bool = False         # every example brings its scene redrawn with another shape (and that caption)
+                                      # into the batch, which doubles; needs the generated shapes data
     lock_text_steps: int = 0          # the text tower and its projection stay at their initialisation this many
                                       # steps while the image tower learns to match them (LiT-style locking)
     eval_images: int = 2000           # test images for the zero-shot figures in metrics.json; 0 = none
@@ -118,6 +122,9 @@ def fit_to_data(cfg: CLIPStage, ds) -> CLIPStage:
     if cfg.hard_negatives > 0 and not labelled:
         raise ValueError(f"hard_negatives={cfg.hard_negatives} rewrites shapes captions from their attribute labels; "
                          f"{ds.name} has none: use --set hard_negatives=0")
+    if cfg.shape_twins and (not labelled or "jitter" not in ds.meta):
+        raise ValueError(f"shape_twins=true redraws generated shapes scenes; {ds.name} is not one: "
+                         "use --set shape_twins=false")
     vision = dataclasses.replace(cfg.model.vision, channels=ds.channels, image_size=h)
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vision=vision))
 
@@ -195,6 +202,34 @@ def hard_negative(ds, i: int, state: tuple, rng: random.Random, p: float, positi
     return None if negative == positive else negative
 
 
+def training_pairs(ds) -> set[tuple[int, int]]:
+    """(shape, colour) index pairs the training split may show: all but the held-out ones."""
+    shapes, colors = ds.label_names["shape"], ds.label_names["color"]
+    held = {(shapes.index(a), colors.index(b)) for a, b in ds.meta.get("heldout", [])}
+    return {(a, b) for a in range(len(shapes)) for b in range(len(colors))} - held
+
+
+def shape_twin(ds, i: int, state: tuple, rng: random.Random, allowed: set) -> tuple[dict, str]:
+    """Example i's scene with another shape (another colour when its colour has no other training shape), never a
+    held-out pair: (attribute values, caption in the positive's wording, from the caption rng `state`).
+
+    Unlike a text-only hard negative, whose pull on the image tower is the difference between two text embeddings
+    (near zero while the text tower cannot tell the shape words apart), a redrawn twin in the batch asks the image
+    tower directly to embed two images that differ only in shape apart: its caption has to pick its own image.
+    """
+    from ldmkit.data.shape_captions import shape_caption
+    values = {k: int(ds.labels[k][i]) for k in ("shape", "color", "size", "position", "background")}
+    s0, c0 = values["shape"], values["color"]
+    shapes = [s for s in range(len(ds.label_names["shape"])) if s != s0 and (s, c0) in allowed]
+    if shapes:
+        values["shape"] = rng.choice(shapes)
+    else:
+        values["color"] = rng.choice([c for c in range(len(ds.label_names["color"])) if c != c0 and (s0, c) in allowed])
+    wording = random.Random()
+    wording.setstate(state)
+    return values, shape_caption(**values, rng=wording)
+
+
 def augment(x: torch.Tensor, gidx: torch.Tensor, seed: int, shift: int, hflip: bool) -> torch.Tensor:
     """Per-example random translation by up to `shift` px (edge pixels replicated) and optional mirror.
 
@@ -265,6 +300,7 @@ def train(cfg: CLIPStage, out, spec: str, ds, resume: bool = False, init_from: s
     net = common.wrap_ddp(model, run.device)
     opt = common.make_adamw(model.parameters(), tc)
     text_params = [*model.text.parameters(), *model.text_proj.parameters()]
+    allowed = training_pairs(ds) if cfg.shape_twins else set()
     start = run.restore({"model": model, "ema": ema}, {"opt": opt})
     export = ema if tc.ema_halflife_steps > 0 else model
     step, loss, scale = start, torch.zeros(()), model.logit_scale()
@@ -272,13 +308,21 @@ def train(cfg: CLIPStage, out, spec: str, ds, resume: bool = False, init_from: s
         idx, gidx = common.batch_indices(len(ds), tc.batch_size, step, tc.seed, run.rank, run.world)
         x = augment(ds.to_float(ds.images[idx]), gidx, tc.seed, cfg.shift, cfg.hflip).to(run.device)
         rngs = [random.Random(example_seed(tc.seed, int(g), CAPTION_STREAM)) for g in gidx]
-        captions, negatives = [], []
+        captions, negatives, states = [], [], []
         for i, r in zip(idx.tolist(), rngs):
             state = r.getstate()
+            states.append(state)
             captions.append(noisy_caption(ds.caption(i, r), r, cfg.caption_noise))
             negatives.append(hard_negative(ds, i, state, r, cfg.hard_negatives, captions[-1],
                                            cfg.hard_negative_weights)
                              if cfg.hard_negatives else None)
+        if cfg.shape_twins:
+            twins = [shape_twin(ds, i, st, random.Random(example_seed(tc.seed, int(g), TWIN_STREAM)), allowed)
+                     for i, st, g in zip(idx.tolist(), states, gidx)]
+            drawn = redraw(ds, idx, shape=[v["shape"] for v, _ in twins], color=[v["color"] for v, _ in twins])
+            x = torch.cat([x, augment(ds.to_float(drawn), gidx, tc.seed, cfg.shift, cfg.hflip).to(run.device)])
+            captions += [c for _, c in twins]
+            negatives += [None] * len(twins)
         texts = captions + [n for n in negatives if n is not None]
         distinct = {c: k for k, c in enumerate(dict.fromkeys(texts))}  # each distinct caption is encoded once
         ids, mask = tok(list(distinct))
@@ -288,7 +332,7 @@ def train(cfg: CLIPStage, out, spec: str, ds, resume: bool = False, init_from: s
         txt = txt_all[torch.tensor([distinct[c] for c in captions], device=run.device)]  # (B, E)
         neg = neg_mask = None
         if cfg.hard_negatives:
-            neg_mask = torch.tensor([n is not None for n in negatives], device=run.device)  # (B,)
+            neg_mask = torch.tensor([n is not None for n in negatives], device=run.device)  # (B,) (2B with twins)
             neg = txt_all[torch.tensor([distinct[n] if n is not None else 0 for n in negatives],
                                        device=run.device)]  # (B, E); rows without a negative are masked out
         loss = contrastive_loss(img, txt, scale, run.world, neg, neg_mask)
