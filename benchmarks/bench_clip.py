@@ -43,14 +43,16 @@ def train_preset(spec: str, out: Path, overrides: list[str]) -> dict:
 def run_facts(stage: Path) -> dict:
     m, cfg = read_json(stage / "metrics.json"), read_json(stage / "config.json")
     return {"stage_dir": str(stage), "steps_done": m.get("steps_done"), "steps_configured": cfg["train"]["steps"],
-            "stopped_early": m.get("stopped_early"), "train_wall_seconds": m.get("wall_seconds"),
+            "stopped_early": m.get("stopped_early"), "train_seconds": m.get("train_seconds"),
+            "train_wall_seconds": m.get("wall_seconds"),
             "max_minutes": cfg["train"]["max_minutes"], "fit_budget": cfg["train"].get("fit_budget", False),
             "precision": m.get("precision"), "params": m.get("params"), "batch_size": cfg["train"]["batch_size"]}
 
 
 def checks(spec: str, res: dict, facts: dict) -> dict:
     t = TARGETS[spec]
-    within = facts["train_wall_seconds"] is not None and facts["train_wall_seconds"] <= t["minutes"] * 60
+    trained = facts["train_seconds"] if facts["train_seconds"] is not None else facts["train_wall_seconds"]
+    within = trained is not None and trained <= t["minutes"] * 60  # the step loop (plus tokenizer), not the eval
     if spec == "fashion-mnist":
         return {"zero_shot_ge_85": res["zero_shot_top1"] >= t["zero_shot_top1"],
                 "heldout_within_3pt": res["zero_shot_top1"] - res["zero_shot_top1_heldout"] <= t["heldout_gap"],

@@ -100,6 +100,7 @@ def test_fit_budget_compresses_the_schedule_and_resumes_exactly(tmp_path, monkey
     assert plan["steps"] == 28 and plan["nominal_steps"] == 100 and plan["step_seconds"] == pytest.approx(1.0)
     m = read_json(tmp_path / "a" / "metrics.json")
     assert m["steps_done"] == 28 and m["planned_steps"] == 28 and not m["stopped_early"]
+    assert m["train_seconds"] == 28.0 <= 30  # the loop ended inside the budget
     assert len(lrs) == 28
     ratio = 100 / 28
     assert lrs[20] == pytest.approx(common.lr_at(20 * ratio, tc))  # the whole schedule, compressed

@@ -223,6 +223,7 @@ class Run:
         self._bar = None
         self._tb = None
         self.stopped_early = False
+        self._t_trained = None  # when the step loop ended: train_seconds (wall_seconds adds the final metrics)
         self.total, self.ratio = tc.steps, 1.0  # steps this run takes; nominal steps per actual step
         seed_everything(tc.seed)
 
@@ -282,6 +283,7 @@ class Run:
     def finish(self, export: Mapping[str, torch.Tensor], metrics: Mapping[str, Any], step: int) -> dict:
         """Final weights and the metrics.json summary (with provenance and wall time)."""
         summary = {**self.info, "steps_done": step, "stopped_early": self.stopped_early,
+                   "train_seconds": None if self._t_trained is None else round(self._t_trained - self._t0, 1),
                    "wall_seconds": round(time.perf_counter() - self._t0, 1), **metrics}
         if self.is_main:
             save_safetensors(dict(export), self.dir / "model.safetensors", {"stage": self.stage, "step": str(step)})
@@ -313,6 +315,7 @@ class Run:
             if budget and time.perf_counter() - self._t0 > budget:
                 self.stopped_early = True
                 self.print(f"time budget of {self.tc.max_minutes} min spent at step {step}; saving and stopping")
+                self._t_trained = time.perf_counter()
                 return
             if fitting and step == start + CALIB_SKIP:
                 t_calib = time.perf_counter()
@@ -332,6 +335,7 @@ class Run:
             yield step
             self._bar.update(1)
             step += 1
+        self._t_trained = time.perf_counter()
 
     def _set_plan(self, steps: int, nominal: int) -> None:
         self.total = max(1, min(int(steps), nominal))
