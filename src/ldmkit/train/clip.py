@@ -91,12 +91,11 @@ PRESETS = {
     # the shape (2/4), colour (1/4) or position (1/4) changed, and the text tower locked at its initialisation for
     # the first half of the schedule (LiT-style): against fixed text embeddings the image tower gets a first-order
     # signal for every attribute, where two towers that both start blind to an attribute stay at that saddle.
-    # Measured (8-min budget, 675 steps fitted on a machine that was busy while it timed the steps; 407 s): colour
-    # 100%, position 100%, size 96.5%, shape 36% (no lock, shape negatives at 4:1:1, 845 steps: colour 97%,
-    # position 38%, shape 21%).
-    # Shape is NOT yet at the >= 90% target: both towers stay nearly blind to it (text embeddings of captions that
-    # differ only in shape have cosine 0.85-0.99; a linear probe on a 500-step run's image features reads shape at
-    # 40%).
+    # Measured (benchmarks/bench_clip.py, idle 2-core AVX2 CPU, fp32: 870 steps fitted to 8 min): colour 100%,
+    # position 100%, size 97%, background 100%, shape 49%; t2i R@1 91% (test), 88% (held-out pairs). Without the
+    # lock (shape negatives 4:1:1, 845 steps): colour 97%, position 38%, shape 21%. Shape is NOT yet at the >= 90%
+    # target and reads 0.5% on held-out shape-colour pairs (it is guessed from colour): at 500 steps shape stays at
+    # 24-28% with the lock whatever else changes (lr 3e-3, logit scale 50, class-token pooling, shape_twins).
     "shapes": CLIPStage(
         model=CLIPConfig(text=TextConfig(vocab_size=512, max_length=40, width=128, layers=3, heads=4),
                          vision=ViTConfig(image_size=32, channels=3, patch_size=8, width=128, layers=4, heads=4,
