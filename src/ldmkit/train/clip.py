@@ -95,7 +95,8 @@ PRESETS = {
     # position 100%, size 97%, background 100%, shape 49%; t2i R@1 91% (test), 88% (held-out pairs). Without the
     # lock (shape negatives 4:1:1, 845 steps): colour 97%, position 38%, shape 21%. Shape is NOT yet at the >= 90%
     # target and reads 0.5% on held-out shape-colour pairs (it is guessed from colour): at 500 steps shape stays at
-    # 24-28% with the lock whatever else changes (lr 3e-3, logit scale 50, class-token pooling, shape_twins).
+    # 24-28% with the lock whatever else changes (lr 3e-3, logit scale 50, shape_twins), 21% with class-token
+    # pooling and no lock.
     "shapes": CLIPStage(
         model=CLIPConfig(text=TextConfig(vocab_size=512, max_length=40, width=128, layers=3, heads=4),
                          vision=ViTConfig(image_size=32, channels=3, patch_size=8, width=128, layers=4, heads=4,
