@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 import random
 
 import numpy as np
@@ -245,6 +246,38 @@ def test_hard_negative_changes_one_attribute_of_the_scene():
     r = random.Random(0)
     state = r.getstate()
     assert clip_stage.hard_negative(ds, 0, state, r, 0.0, "x") is None and r.getstate() == state  # p=0 draws nothing
+
+
+def test_exhaustive_negatives_name_every_other_value_in_the_same_wording():
+    from ldmkit.data import load_dataset
+    from ldmkit.data.shape_captions import SHAPES, shape_caption
+    ds = load_dataset("shapes", split="train", num=50)
+    allowed = clip_stage.training_pairs(ds)
+    everything = {(s, c) for s in range(6) for c in range(6)}
+    short = 0
+    for i in range(50):
+        r = random.Random(i)
+        state = r.getstate()
+        pos = ds.caption(i, r)
+        truth = {k: int(ds.labels[k][i]) for k in ("shape", "color", "size", "position", "background")}
+        others = [v for v in range(len(SHAPES)) if v != truth["shape"]]
+        negs = clip_stage.exhaustive_negatives(ds, i, state, ("shape",), everything)
+        assert negs == [shape_caption(**{**truth, "shape": v}, rng=_with_state(state)) for v in others]
+        assert len(set(negs)) == 5 and pos not in negs
+        kept = clip_stage.exhaustive_negatives(ds, i, state, ("shape",), allowed)  # no held-out pair named
+        assert kept == [n for v, n in zip(others, negs) if (v, truth["color"]) in allowed]
+        short += len(kept) < 5
+    assert short > 0  # some colours have a held-out shape
+    assert clip_stage.exhaustive_negatives(ds, 0, random.Random(0).getstate(), (), allowed) == []
+    with pytest.raises(ValueError, match="exhaustive_negatives"):
+        clip_stage.CLIPStage(exhaustive_negatives=("size",))
+
+
+def test_exhaustive_negatives_and_centred_start_train(tmp_path):
+    assert cli(train_args(tmp_path / "ex", "--set", 'exhaustive_negatives=["shape"]', "--set", "hard_negatives=0.5",
+                          "--set", "center_init=64", "--set", "eval_images=0", "--set", "train.steps=4")) == 0
+    metrics = json.loads((tmp_path / "ex" / "metrics.json").read_text())
+    assert metrics["steps_done"] == 4 and math.isfinite(metrics["final_loss"])
 
 
 def test_lock_text_steps_keeps_the_text_tower_at_its_start(shapes_run, tmp_path):

@@ -206,6 +206,52 @@ def test_clip_loss_hard_negatives_match_naive():
         torch.testing.assert_close(ln.grad, neg.grad[lo:hi])
 
 
+def test_clip_loss_k_hard_negatives_match_naive():
+    """K negatives per image (B, K, E) with a (B, K) mask: each present one is a further wrong answer in its own
+    image's image-to-text softmax; K = 1 equals the (B, E) form."""
+    g = torch.Generator().manual_seed(3)
+    img, txt = (F.normalize(torch.randn(4, 6, generator=g, dtype=torch.float64), dim=-1) for _ in range(2))
+    neg = F.normalize(torch.randn(4, 3, 6, generator=g, dtype=torch.float64), dim=-1)
+    keep = torch.tensor([[True, True, True], [False, False, False], [True, False, True], [False, True, False]])
+    loss = clip_loss(img, txt, 9.0, neg, keep)
+    for i in range(4):
+        logits = [9.0 * float(img[i] @ txt[j]) for j in range(4)]
+        logits += [9.0 * float(img[i] @ neg[i, k]) for k in range(3) if keep[i, k]]
+        i2t = math.log(sum(math.exp(v) for v in logits)) - logits[i]
+        col = [9.0 * float(img[j] @ txt[i]) for j in range(4)]
+        t2i = math.log(sum(math.exp(v) for v in col)) - col[i]
+        assert float(loss[i]) == pytest.approx(0.5 * (i2t + t2i), rel=1e-12)
+    one = torch.tensor([True, False, True, True])
+    torch.testing.assert_close(clip_loss(img, txt, 9.0, neg[:, 0], one), clip_loss(img, txt, 9.0, neg[:, :1],
+                                                                                    one[:, None]))
+    with pytest.raises(ValueError, match="does not match"):
+        clip_loss(img, txt, 9.0, neg, keep[:, :2])
+
+
+def test_center_start_zeroes_the_pooled_mean_and_spreads_captions():
+    """CLIPModel.center_ shifts each tower's final LayerNorm bias by minus the sample's pooled mean: afterwards the
+    pooled vectors of that sample average to zero, each row moved by exactly that mean."""
+    from ldmkit.conditioning.clip import CLIPConfig, CLIPModel
+    from ldmkit.conditioning.text import PRESETS as TEXT
+    from ldmkit.conditioning.vit import PRESETS as VIT
+    torch.manual_seed(0)
+    model = CLIPModel(CLIPConfig(text=TEXT["tiny"], vision=VIT["tiny"], embed_dim=16)).eval()
+    images = torch.rand(12, 1, 32, 32) * 2 - 1
+    ids = torch.randint(4, 100, (12, 10))
+    mask = torch.ones(12, 10, dtype=torch.bool)
+    mask[::2, 7:] = False
+    with torch.no_grad():
+        img0, txt0 = model.vision(images)[0], model.text(ids, mask)[1]
+    stats = model.center_(images, ids, mask)
+    with torch.no_grad():
+        img1, txt1 = model.vision(images)[0], model.text(ids, mask)[1]
+    for before, after in ((img0, img1), (txt0, txt1)):
+        torch.testing.assert_close(after.mean(0), torch.zeros(after.shape[1]), atol=1e-5, rtol=0)
+        torch.testing.assert_close(after, before - before.mean(0), atol=1e-5, rtol=1e-5)
+    assert stats["text_cosine_after"] < stats["text_cosine_before"]
+    assert stats["image_cosine_after"] < stats["image_cosine_before"]
+
+
 def test_clip_loss_gathered_gives_full_batch_gradients():
     g = torch.Generator().manual_seed(1)
     img = F.normalize(torch.randn(8, 5, generator=g, dtype=torch.float64), dim=-1).requires_grad_()

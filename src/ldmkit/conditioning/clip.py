@@ -53,9 +53,10 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
     logits = logit_scale * I T^T (B, B); example i's loss is the mean of the cross-entropy of image i over all texts
     and of text i over all images, the pair (i, i) being the positive. The batch mean is the CLIP loss.
 
-    hard_negatives (B, E), optional: one extra text per image (e.g. its own caption with one attribute changed) that
-    joins only that image's image-to-text softmax, as a further wrong answer (NegCLIP, Yuksekgonul et al. 2023);
-    rows where hard_mask (B,) bool is False have none. The text-to-image direction is unchanged.
+    hard_negatives (B, E) or (B, K, E), optional: one or K extra texts per image (e.g. its own caption with one
+    attribute changed) that join only that image's image-to-text softmax, as further wrong answers (NegCLIP,
+    Yuksekgonul et al. 2023); entries where hard_mask ((B,) or (B, K) bool) is False are absent. The
+    text-to-image direction is unchanged.
     """
     if image_features.shape != text_features.shape or image_features.ndim != 2:
         raise ValueError(f"clip_loss needs image and text features of the same shape (B, E), got "
@@ -64,13 +65,19 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
     labels = torch.arange(logits.shape[0], device=logits.device)
     i2t_logits = logits
     if hard_negatives is not None:
-        if hard_negatives.shape != image_features.shape:
-            raise ValueError(f"hard_negatives {tuple(hard_negatives.shape)} must match the image features "
-                             f"{tuple(image_features.shape)}: one per image")
-        extra = logit_scale * (image_features * hard_negatives).sum(-1)  # (B,) image i against its hard negative
+        neg = hard_negatives[:, None] if hard_negatives.ndim == 2 else hard_negatives  # (B, K, E)
+        if neg.ndim != 3 or neg.shape[0] != image_features.shape[0] or neg.shape[2] != image_features.shape[1]:
+            raise ValueError(f"hard_negatives {tuple(hard_negatives.shape)} must be (B, E) or (B, K, E) with the "
+                             f"image features' {tuple(image_features.shape)}: one per image (or K per image)")
+        extra = logit_scale * torch.einsum("be,bke->bk", image_features, neg)  # (B, K) image i against its own
         if hard_mask is not None:
-            extra = extra.masked_fill(~hard_mask.to(torch.bool), float("-inf"))  # exp(-inf) = 0: no such text
-        i2t_logits = torch.cat([logits, extra[:, None]], dim=1)  # (B, B + 1)
+            mask = hard_mask.to(torch.bool)
+            mask = mask[:, None] if mask.ndim == 1 else mask
+            if mask.shape != extra.shape:
+                raise ValueError(f"hard_mask {tuple(hard_mask.shape)} does not match hard_negatives "
+                                 f"{tuple(hard_negatives.shape)}")
+            extra = extra.masked_fill(~mask, float("-inf"))  # exp(-inf) = 0: no such text
+        i2t_logits = torch.cat([logits, extra], dim=1)  # (B, B + K)
     image_to_text = F.cross_entropy(i2t_logits, labels, reduction="none")  # (B,)
     text_to_image = F.cross_entropy(logits.T, labels, reduction="none")  # (B,)
     return 0.5 * (image_to_text + text_to_image)
@@ -89,7 +96,7 @@ def clip_loss_gathered(image_features: torch.Tensor, text_features: torch.Tensor
     respect to its own features. Every rank gets the same loss value; DDP's gradient mean over W ranks then gives
     the towers 1/W of the full-batch gradient and the temperature all of it (as open_clip does; with Adam the
     per-parameter scale is immaterial). Hard negatives (see `clip_loss`) are gathered and spliced the same way:
-    local (B, E), gathered (N, E) and the gathered mask (N,).
+    local (B, [K,] E), gathered (N, [K,] E) and the gathered mask (N, [K]).
     """
     B, N = image_features.shape[0], all_image_features.shape[0]
     if all_image_features.shape != all_text_features.shape or all_image_features.shape[1:] != image_features.shape[1:]:
@@ -108,7 +115,7 @@ def clip_loss_gathered(image_features: torch.Tensor, text_features: torch.Tensor
 
 
 def gather_features(features: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """All-gather (B, E) features from every rank -> ((W * B, E) without gradient, this rank's offset).
+    """All-gather (B, ...) features from every rank -> ((W * B, ...) without gradient, this rank's offset).
 
     Needs the same local batch size on every rank. Without an initialised process group returns (features, 0).
     """
@@ -122,6 +129,13 @@ def gather_features(features: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 # ----------------------------------------------------------------------------------------------------- model
+
+
+def _mean_pair_cosine(x: torch.Tensor) -> float:
+    """Mean cosine similarity over the distinct pairs of rows of (N, D), N >= 2."""
+    u = F.normalize(x.float(), dim=-1)
+    n = u.shape[0]
+    return ((u.sum(0).square().sum() - n) / (n * (n - 1))).item()
 
 
 class CLIPModel(nn.Module):
@@ -146,6 +160,29 @@ class CLIPModel(nn.Module):
         nn.init.normal_(self.image_proj.weight, std=self.config.vision.width ** -0.5)
         with torch.no_grad():
             self.log_logit_scale.fill_(math.log(1.0 / self.config.init_temperature))
+
+    @torch.no_grad()
+    def center_(self, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+        """Data-dependent start: shift each tower's final LayerNorm bias so its pooled vector averages to zero over
+        this sample of images and captions. Returns the mean cosine between sample pairs before and after.
+
+        At random initialisation every caption shares most of its pooled vector (the template words, mean pooling
+        over ~15 tokens), so two captions differing in one word have cosine ~0.97, and likewise every image looks
+        alike to the image tower. The gradient that separates an attribute on one side is proportional to how far
+        the other side already separates it, so a fact that neither side sees at the start (the shapes' shape) is
+        learned very late. Removing the shared component (pooling is linear in the LayerNorm output, so the shift
+        moves the pooled mean exactly) leaves only what differs between examples, and one word then moves the text
+        embedding by a large angle. Nothing new is learned or stored: it is the towers' usual bias, started
+        elsewhere.
+        """
+        stats = {}
+        for name, tower, pooled in (("image", self.vision, self.vision(images)[0]),
+                                    ("text", self.text, self.text(ids, mask)[1])):
+            before = _mean_pair_cosine(pooled)
+            tower.norm.bias -= pooled.mean(0)
+            stats[f"{name}_cosine_before"], stats[f"{name}_cosine_after"] = before, _mean_pair_cosine(
+                pooled - pooled.mean(0))
+        return stats
 
     def set_tokenizer(self, tokenizer: Tokenizer) -> None:
         cfg = self.config.text

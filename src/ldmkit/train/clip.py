@@ -17,6 +17,7 @@ import copy
 import dataclasses
 import random
 import string
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,8 +32,8 @@ from ldmkit.train import common
 from ldmkit.train.args import load_data, resolve_config, train_parser
 from ldmkit.train.common import TrainConfig
 
-CAPTION_STREAM, AUGMENT_STREAM, TWIN_STREAM = 2, 3, 4  # example_seed streams of the caption, augmentation and
-                                                        # shape-twin draws
+CAPTION_STREAM, AUGMENT_STREAM, TWIN_STREAM, CENTRE_STREAM = 2, 3, 4, 5  # example_seed streams of the caption,
+                                                                       # augmentation, shape-twin and centring draws
 HARD_NEGATIVE_ATTRIBUTES = ("shape", "color", "position")  # the attributes a hard-negative caption changes
 
 
@@ -53,6 +54,10 @@ class CLIPStage:
                                       # into the batch, which doubles; needs the generated shapes data
     lock_text_steps: int = 0          # the text tower and its projection stay at their initialisation this many
                                       # steps while the image tower learns to match them (LiT-style locking)
+    exhaustive_negatives: tuple[str, ...] = ()  # shapes attributes (of shape, colour, position) whose every other
+                                      # value gives each example a hard-negative caption (exhaustive_negatives())
+    center_init: int = 0              # start both towers' pooled features centred over this many training examples
+                                      # (CLIPModel.center_); 0 = the plain random start
     eval_images: int = 2000           # test images for the zero-shot figures in metrics.json; 0 = none
 
     def __post_init__(self):
@@ -63,6 +68,10 @@ class CLIPStage:
             raise ValueError(f"CLIPStage needs shift >= 0, tokenizer_captions >= 1, eval_images >= 0 and "
                              f"0 <= caption_noise <= 1; got {self.shift}, {self.tokenizer_captions}, "
                              f"{self.eval_images}, {self.caption_noise}")
+        bad = set(self.exhaustive_negatives) - set(HARD_NEGATIVE_ATTRIBUTES)
+        if bad:
+            raise ValueError(f"CLIPStage.exhaustive_negatives names {sorted(bad)}; choose among "
+                             f"{HARD_NEGATIVE_ATTRIBUTES} (the always-named caption facts)")
         if not 0 <= self.hard_negatives <= 1:
             raise ValueError(f"CLIPStage.hard_negatives is a probability in [0, 1], got {self.hard_negatives}")
         w = self.hard_negative_weights
@@ -119,7 +128,7 @@ def fit_to_data(cfg: CLIPStage, ds) -> CLIPStage:
         raise ValueError(f"hflip=true would contradict the left/right positions in {ds.name}'s captions; "
                          "use --preset shapes (or --set hflip=false)")
     labelled = ds.name.startswith("shapes") and set(HARD_NEGATIVE_ATTRIBUTES) <= set(ds.labels)
-    if cfg.hard_negatives > 0 and not labelled:
+    if (cfg.hard_negatives > 0 or cfg.exhaustive_negatives) and not labelled:
         raise ValueError(f"hard_negatives={cfg.hard_negatives} rewrites shapes captions from their attribute labels; "
                          f"{ds.name} has none: use --set hard_negatives=0")
     if cfg.shape_twins and (not labelled or "jitter" not in ds.meta):
@@ -189,17 +198,42 @@ def hard_negative(ds, i: int, state: tuple, rng: random.Random, p: float, positi
     whole weight of that term on the changed fact, where random in-batch negatives mostly differ in the easy ones
     (colour, background). It does not replace a ViT that can see position (`ViTConfig.pos_init`).
     """
-    from ldmkit.data.shape_captions import shape_caption
     if p <= 0 or rng.random() >= p:
         return None
     attribute = rng.choices(HARD_NEGATIVE_ATTRIBUTES, weights=weights)[0]
+    choices = [v for v in range(len(ds.label_names[attribute])) if v != int(ds.labels[attribute][i])]
+    negative = recaption(ds, i, state, **{attribute: rng.choice(choices)})
+    return None if negative == positive else negative
+
+
+def recaption(ds, i: int, state: tuple, **changes: int) -> str:
+    """Example i's caption with some attribute values replaced, in the wording the caption rng `state` gives."""
+    from ldmkit.data.shape_captions import shape_caption
     values = {k: int(ds.labels[k][i]) for k in ("shape", "color", "size", "position", "background")}
-    choices = [v for v in range(len(ds.label_names[attribute])) if v != values[attribute]]
-    values[attribute] = rng.choice(choices)
+    values.update(changes)
     wording = random.Random()
     wording.setstate(state)
-    negative = shape_caption(**values, rng=wording)
-    return None if negative == positive else negative
+    return shape_caption(**values, rng=wording)
+
+
+def exhaustive_negatives(ds, i: int, state: tuple, attributes: tuple[str, ...], allowed: set) -> list[str]:
+    """Example i's caption once with every other value of each listed attribute, in the positive's wording: the
+    image-to-text softmax then holds every alternative of that fact, as a supervised classifier's would, so the
+    image tower gets the full-strength gradient for it from the first step. A single random hard negative
+    contrasts one alternative at a time, and in-batch negatives almost never differ in that fact alone.
+
+    Captions naming a held-out (shape, colour) pair are left out (`allowed`: training_pairs), so training text
+    never puts those words together either; the list is shorter for such examples (masked in the loss).
+    """
+    out = []
+    for a in attributes:
+        for v in range(len(ds.label_names[a])):
+            if v == int(ds.labels[a][i]):
+                continue
+            pair = {"shape": int(ds.labels["shape"][i]), "color": int(ds.labels["color"][i]), a: v}
+            if (pair["shape"], pair["color"]) in allowed:
+                out.append(recaption(ds, i, state, **{a: v}))
+    return out
 
 
 def training_pairs(ds) -> set[tuple[int, int]]:
@@ -228,6 +262,19 @@ def shape_twin(ds, i: int, state: tuple, rng: random.Random, allowed: set) -> tu
     wording = random.Random()
     wording.setstate(state)
     return values, shape_caption(**values, rng=wording)
+
+
+def centre(model: CLIPModel, ds, n: int, seed: int, run) -> None:
+    """CLIPModel.center_ on n seeded training examples and captions (the same on every rank; a resumed or
+    --init-from run then loads its weights over it)."""
+    rng = random.Random(example_seed(seed, 0, CENTRE_STREAM))
+    idx = [rng.randrange(len(ds)) for _ in range(min(n, len(ds)))]
+    ids, mask = model.tokenize([ds.caption(i, rng) for i in idx])
+    stats = model.center_(ds.to_float(ds.images[idx]).to(run.device), ids, mask)
+    if run.is_main:
+        print("centred start: mean pair cosine " + ", ".join(
+            f"{t} {stats[f'{t}_cosine_before']:.3f} -> {stats[f'{t}_cosine_after']:.3f}" for t in ("image", "text")),
+              file=sys.stderr)
 
 
 def augment(x: torch.Tensor, gidx: torch.Tensor, seed: int, shift: int, hflip: bool) -> torch.Tensor:
@@ -268,7 +315,7 @@ def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, 
     all_neg = all_mask = None
     if neg is not None:
         all_neg, _ = gather_features(neg)
-        all_mask = gather_features(neg_mask.float())[0].bool()  # (N,)
+        all_mask = gather_features(neg_mask.float())[0].bool()  # (N, K)
     scale = scale.detach() + (scale - scale.detach()) / world  # same value, 1/W of the gradient
     return world * clip_loss_gathered(img, txt, all_img, all_txt, offset, scale, neg, all_neg, all_mask).mean()
 
@@ -296,11 +343,16 @@ def train(cfg: CLIPStage, out, spec: str, ds, resume: bool = False, init_from: s
     run = common.start_run(out, cfg, tc, "clip", data=spec, resume=resume, init_from=init_from, progress=progress)
     tok = prepare_tokenizer(cfg, ds, out, run, resume, init_from)
     model = CLIPModel(cfg.model, tok).to(run.device)
+    if cfg.center_init:
+        centre(model, ds, cfg.center_init, tc.seed, run)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     net = common.wrap_ddp(model, run.device)
     opt = common.make_adamw(model.parameters(), tc)
     text_params = [*model.text.parameters(), *model.text_proj.parameters()]
     allowed = training_pairs(ds) if cfg.shape_twins else set()
+    pairs = training_pairs(ds) if cfg.exhaustive_negatives else set()
+    # negatives per example: the same on every rank, so the gathered (N, K, E) tensors line up
+    K = (cfg.hard_negatives > 0) + sum(len(ds.label_names[a]) - 1 for a in cfg.exhaustive_negatives)
     start = run.restore({"model": model, "ema": ema}, {"opt": opt})
     export = ema if tc.ema_halflife_steps > 0 else model
     step, loss, scale = start, torch.zeros(()), model.logit_scale()
@@ -313,17 +365,18 @@ def train(cfg: CLIPStage, out, spec: str, ds, resume: bool = False, init_from: s
             state = r.getstate()
             states.append(state)
             captions.append(noisy_caption(ds.caption(i, r), r, cfg.caption_noise))
-            negatives.append(hard_negative(ds, i, state, r, cfg.hard_negatives, captions[-1],
-                                           cfg.hard_negative_weights)
-                             if cfg.hard_negatives else None)
+            one = hard_negative(ds, i, state, r, cfg.hard_negatives, captions[-1], cfg.hard_negative_weights) \
+                if cfg.hard_negatives else None
+            negatives.append(([] if one is None else [one])
+                             + exhaustive_negatives(ds, i, state, cfg.exhaustive_negatives, pairs))
         if cfg.shape_twins:
             twins = [shape_twin(ds, i, st, random.Random(example_seed(tc.seed, int(g), TWIN_STREAM)), allowed)
                      for i, st, g in zip(idx.tolist(), states, gidx)]
             drawn = redraw(ds, idx, shape=[v["shape"] for v, _ in twins], color=[v["color"] for v, _ in twins])
             x = torch.cat([x, augment(ds.to_float(drawn), gidx, tc.seed, cfg.shift, cfg.hflip).to(run.device)])
             captions += [c for _, c in twins]
-            negatives += [None] * len(twins)
-        texts = captions + [n for n in negatives if n is not None]
+            negatives += [[] for _ in twins]
+        texts = captions + [n for ns in negatives for n in ns]
         distinct = {c: k for k, c in enumerate(dict.fromkeys(texts))}  # each distinct caption is encoded once
         ids, mask = tok(list(distinct))
         common.set_lr(opt, common.lr_at(run.nominal(step), tc))
@@ -331,10 +384,10 @@ def train(cfg: CLIPStage, out, spec: str, ds, resume: bool = False, init_from: s
             img, txt_all, scale = net(x, ids.to(run.device), mask.to(run.device))  # (B, E), (U, E), ()
         txt = txt_all[torch.tensor([distinct[c] for c in captions], device=run.device)]  # (B, E)
         neg = neg_mask = None
-        if cfg.hard_negatives:
-            neg_mask = torch.tensor([n is not None for n in negatives], device=run.device)  # (B,) (2B with twins)
-            neg = txt_all[torch.tensor([distinct[n] if n is not None else 0 for n in negatives],
-                                       device=run.device)]  # (B, E); rows without a negative are masked out
+        if K:  # (B, K, E) with a (B, K) mask; B doubles with twins, whose rows have none
+            neg_mask = torch.tensor([[k < len(ns) for k in range(K)] for ns in negatives], device=run.device)
+            neg = txt_all[torch.tensor([[distinct[ns[k]] if k < len(ns) else 0 for k in range(K)] for ns in negatives],
+                                       device=run.device)]
         loss = contrastive_loss(img, txt, scale, run.world, neg, neg_mask)
         loss.backward()
         if run.nominal(step) < cfg.lock_text_steps:
