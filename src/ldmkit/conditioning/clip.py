@@ -212,13 +212,15 @@ class CLIPModel(nn.Module):
         pooled, _ = self.vision(images)  # (B, Dv)
         return F.normalize(self.image_proj(pooled), dim=-1)  # (B, E)
 
-    def encode_text(self, ids: torch.Tensor, mask: torch.Tensor | None = None, chunk: int = 64) -> torch.Tensor:
+    def encode_text(self, ids: torch.Tensor, mask: torch.Tensor | None = None, chunk: int = 256) -> torch.Tensor:
         """Token ids (B, T) + mask -> unit-norm (B, E).
 
         Padding never changes a row's result (padded keys are masked out), so the padded work is skipped: rows are
         sorted by length and encoded `chunk` at a time, each group cut to its own longest row. With captions of
         mixed lengths (e.g. a few long noisy ones) this saves much of the text tower's cost; the result is the
-        same up to float rounding.
+        same up to float rounding. Groups of 256 rather than 64: at 2 threads the small groups' matrix products
+        left the second core idle (628 shapes captions, forward + backward, bf16: 471 ms in groups of 64, 277 ms in
+        groups of 256, 326 ms in one group).
         """
         if mask is None or mask.ndim != 2 or mask.shape[0] == 0 or mask.shape != ids.shape:
             _, pooled = self.text(ids, mask)  # (B, Dt); the tower checks the inputs
