@@ -23,7 +23,8 @@ class Stop(Exception):
     pass
 
 
-def toy_train(out, cfg=ToyConfig(), resume=False, stop_after=None, poison_at=None, clock=None, lrs=None):
+def toy_train(out, cfg=ToyConfig(), resume=False, stop_after=None, poison_at=None, clock=None, lrs=None,
+              costly_from=None, replan=True):
     """A miniature stage loop written the way every ldmkit stage is (dropout makes it consume RNG)."""
     tc = cfg.train
     run = common.start_run(out, cfg, tc, "toy", data="synthetic", resume=resume, progress=False)
@@ -40,8 +41,11 @@ def toy_train(out, cfg=ToyConfig(), resume=False, stop_after=None, poison_at=Non
         common.set_lr(opt, common.lr_at(run.nominal(step), tc))
         if lrs is not None:
             lrs.append(opt.param_groups[0]["lr"])
+        costly = costly_from is not None and run.nominal(step) >= costly_from
+        if replan and costly_from is not None:
+            run.replan_at(step, costly_from)  # as CLIP does when its text tower unlocks
         if clock is not None:
-            clock.t += 1.0  # every step takes one second of the fake clock
+            clock.t += 1.5 if costly else 1.0  # a step takes one second of the fake clock (1.5 s once costly)
         loss = ((model(x[idx]) - y[idx]) ** 2).mean()
         if poison_at is not None and step == poison_at:
             loss = loss * float("nan")
@@ -114,6 +118,41 @@ def test_fit_budget_compresses_the_schedule_and_resumes_exactly(tmp_path, monkey
     for p, q in zip(ema.state_dict().values(), res_ema.state_dict().values()):
         assert torch.equal(p, q)
     assert read_json(tmp_path / "b" / "metrics.json")["steps_done"] == 28
+
+
+def test_replan_fits_the_rest_of_the_schedule_when_steps_cost_more(tmp_path, monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(common.time, "perf_counter", clock)
+    tc = replace(ToyConfig().train, steps=100, warmup_steps=10, max_minutes=1.0, fit_budget=True)
+    cfg = ToyConfig(train=tc)
+    lrs = []
+    _, ema = toy_train(tmp_path / "a", cfg, clock=clock, lrs=lrs, costly_from=30)
+    # first plan at 1 s/step: 15 + int(0.94 * 60 - 15) = 56 steps (ratio 100/56). Nominal step 30 is reached at
+    # step 17; steps 20-31 are timed at 1.5 s; at step 32, 17 + 15 * 1.5 = 39.5 s are spent and 56.4 - 39.5 s
+    # buy 11 more steps for the nominal steps 32 * 100/56 .. 100
+    r0 = 100 / 56
+    plan = read_json(tmp_path / "a" / "plan.json")
+    assert plan["steps"] == 43 and plan["first_ratio"] == pytest.approx(r0)
+    (a, n, r), = plan["segments"]
+    assert a == 32 and n == pytest.approx(32 * r0) and r == pytest.approx((100 - 32 * r0) / 11)
+    m = read_json(tmp_path / "a" / "metrics.json")
+    assert m["steps_done"] == 43 and not m["stopped_early"] and m["train_seconds"] == 56.0 <= 60
+    assert lrs[31] == pytest.approx(common.lr_at(31 * r0, tc))  # before the re-plan: the first ratio
+    assert lrs[42] == pytest.approx(common.lr_at(n + 10 * r, tc)) and lrs[42] < 0.12 * tc.lr  # the schedule's end
+    # without the re-plan the run would have hit the budget guard at nominal step ~80, schedule unfinished
+    clock.t = 0.0
+    toy_train(tmp_path / "c", cfg, clock=clock, costly_from=30, replan=False)
+    m = read_json(tmp_path / "c" / "metrics.json")
+    assert m["stopped_early"] and m["steps_done"] == 46 and read_json(tmp_path / "c" / "plan.json")["segments"] == []
+    # resumed after the re-plan: same plan, same weights
+    clock.t = 0.0
+    with pytest.raises(Stop):
+        toy_train(tmp_path / "b", cfg, stop_after=36, clock=clock, costly_from=30)
+    clock.t = 0.0
+    _, res_ema = toy_train(tmp_path / "b", cfg, resume=True, clock=clock, costly_from=30)
+    assert read_json(tmp_path / "b" / "plan.json")["segments"] == plan["segments"]
+    for p, q in zip(ema.state_dict().values(), res_ema.state_dict().values()):
+        assert torch.equal(p, q)
 
 
 def test_fit_to_budget_counts():

@@ -189,6 +189,8 @@ def train(cfg: AutoencoderStage, out, spec: str, ds, resume: bool = False, init_
         at = run.nominal(step)  # the schedule's step (differs from step when the run is fitted to its budget)
         gan_on = disc is not None and disc_factor(lc, at) > 0  # the adversarial term reaches the autoencoder
         d_on = disc is not None and lc.uses_gan and at >= lc.disc_start - cfg.disc_warmup_steps
+        if disc is not None and lc.uses_gan:  # each discriminator phase makes a step cost more
+            run.replan_at(step, lc.disc_start - cfg.disc_warmup_steps, lc.disc_start)
         common.set_lr(opt, common.lr_at(run.nominal(step), tc))
         if disc is not None:
             disc.requires_grad_(False)  # the generator step must not write gradients into the discriminator

@@ -384,6 +384,7 @@ def train(cfg: CLIPStage, out, spec: str, ds, resume: bool = False, init_from: s
         # dropped anyway. (Without a graph after the lock too, the step is half as long but the text tower, which
         # learns much from them, ended at 77% position and 88% shape instead of 100% and 93%.)
         locked = run.nominal(step) < cfg.lock_text_steps
+        run.replan_at(step, cfg.lock_text_steps)  # unlocked steps cost more (the text tower's backward)
         graded = captions + [n for ns in singles for n in ns] + ([] if locked else [n for ns in extras for n in ns])
         distinct = {c: k for k, c in enumerate(dict.fromkeys(graded))}
         ids, mask = tok(list(distinct))

@@ -224,7 +224,10 @@ class Run:
         self._tb = None
         self.stopped_early = False
         self._t_trained = None  # when the step loop ended: train_seconds (wall_seconds adds the final metrics)
-        self.total, self.ratio = tc.steps, 1.0  # steps this run takes; nominal steps per actual step
+        self.total, self.ratio = tc.steps, 1.0  # steps this run takes; nominal steps per actual step (now)
+        self._ratio0, self._nominal_total, self._fitting = 1.0, tc.steps, False  # the first plan's ratio
+        self.segments: list[list[float]] = []  # re-plans: [actual step, nominal step, ratio] from that step on
+        self._replan_at: int | None = None  # a re-plan's timing starts CALIB_SKIP steps after this step
         seed_everything(tc.seed)
 
     def _check_dir(self) -> None:
@@ -297,14 +300,21 @@ class Run:
         """Step indices start..total-1 with a progress bar; stops early when `max_minutes` is spent.
 
         With `train.fit_budget` the first steps are timed and the run is planned to end inside `max_minutes`
-        (see `fit_to_budget`); the plan is kept in DIR/plan.json, so a resumed run follows the same schedule.
+        (see `fit_to_budget`); a stage whose steps change cost part-way (CLIP when its text tower unlocks) calls
+        `replan` there, and the rest of the schedule is fitted again to the time left. The plan is kept in
+        DIR/plan.json, so a resumed run follows the same schedule.
         """
         from tqdm.auto import tqdm
         budget = self.tc.max_minutes * 60
-        fitting = self.tc.fit_budget and budget > 0
-        self.total, self.ratio = total, 1.0
+        self._fitting = fitting = self.tc.fit_budget and budget > 0
+        self.total, self.ratio, self._ratio0, self._nominal_total = total, 1.0, 1.0, total
         if fitting and self.resume and (self.dir / PLAN_FILE).is_file():
-            self._set_plan(read_json(self.dir / PLAN_FILE)["steps"], total)
+            plan = read_json(self.dir / PLAN_FILE)
+            self._set_plan(plan["steps"], total)
+            self.total = int(plan["steps"])  # a re-planned run may end a step past the nominal count
+            self._ratio0 = plan.get("first_ratio", self._ratio0)
+            self.segments = plan.get("segments", [])
+            self.ratio = self.segments[-1][2] if self.segments else self._ratio0
             fitting = False
         self._bar = tqdm(total=self.total, initial=start, desc=self.stage,
                          disable=not self._progress, dynamic_ncols=True, file=sys.stderr)
@@ -324,32 +334,77 @@ class Run:
                 left = budget * (1 - BUDGET_RESERVE) - (time.perf_counter() - self._t0)
                 self._set_plan(fit_to_budget(total, step, step_s, left), total)
                 fitting = False
-                if self.is_main:
-                    write_json(self.dir / PLAN_FILE, {"steps": self.total, "nominal_steps": total,
-                                                      "step_seconds": round(step_s, 4), "budget_minutes":
-                                                      self.tc.max_minutes})
+                self._write_plan(step_s)
                 self.print(f"time budget: {step_s * 1000:.0f} ms/step, so {self.total} of {total} steps fit "
                            f"{self.tc.max_minutes} min; the schedule is compressed {self.ratio:.2f}x (plan.json)")
-                self._bar.total = self.total
-                self._bar.refresh()
+            if self._replan_at is not None and step == self._replan_at + CALIB_SKIP:
+                t_calib = time.perf_counter()
+            if self._replan_at is not None and step == self._replan_at + CALIB_SKIP + CALIB_STEPS:
+                step_s = all_reduce_mean({"s": (time.perf_counter() - t_calib) / CALIB_STEPS})["s"]
+                left = budget * (1 - BUDGET_RESERVE) - (time.perf_counter() - self._t0)
+                self._replan_at = None
+                self._refit(step, step_s, left)
             yield step
             self._bar.update(1)
             step += 1
         self._t_trained = time.perf_counter()
 
+    def replan_at(self, step: int, *boundaries: float) -> None:
+        """`replan(step)` if the schedule crosses one of these nominal steps at `step` (where a stage's steps
+        start to cost more or less: a tower unlocks, a discriminator starts)."""
+        if step > 0 and any(self.nominal(step - 1) < b <= self.nominal(step) for b in boundaries):
+            self.replan(step)
+
+    def replan(self, step: int) -> None:
+        """The steps from `step` on cost differently: time a few of them and fit the rest of the schedule to the
+        budget left (a no-op without `fit_budget`, and on a resumed run that already re-planned past this step)."""
+        if not self._fitting or self._replan_at is not None:
+            return
+        if self.segments and step <= self.segments[-1][0]:
+            return
+        self._replan_at = step
+
+    def _refit(self, step: int, step_s: float, left: float) -> None:
+        """From `step` on: as many steps as fit `left` seconds at `step_s`, covering the rest of the nominal
+        schedule (never more steps than it has), joined to the schedule so far without a jump."""
+        here = self.nominal(step)
+        rest = max(self._nominal_total - here, 0.0)
+        fit = int(max(0.0, left) / step_s) if step_s > 0 else math.ceil(rest)
+        n = max(1, min(fit, math.ceil(rest)))
+        self.ratio = rest / n if rest > 0 else 1.0
+        self.segments.append([step, here, self.ratio])
+        self.total = step + n
+        self.info["planned_steps"] = self.total
+        self._write_plan(step_s)
+        self.print(f"time budget re-planned at step {step}: {step_s * 1000:.0f} ms/step, {n} more steps for the "
+                   f"rest of the schedule ({self.total} in all)")
+
+    def _write_plan(self, step_s: float) -> None:
+        if self.is_main:
+            write_json(self.dir / PLAN_FILE, {"steps": self.total, "nominal_steps": self._nominal_total,
+                                              "step_seconds": round(step_s, 4), "first_ratio": self._ratio0,
+                                              "segments": self.segments, "budget_minutes": self.tc.max_minutes})
+        if self._bar is not None:
+            self._bar.total = self.total
+            self._bar.refresh()
+
     def _set_plan(self, steps: int, nominal: int) -> None:
         self.total = max(1, min(int(steps), nominal))
-        self.ratio = nominal / self.total
+        self.ratio = self._ratio0 = nominal / self.total
         self.info["planned_steps"] = self.total
 
     def nominal(self, step: int) -> float:
-        """The step of the configured schedule that actual step `step` stands for (step * ratio); schedules
-        (learning rate, GAN switch-on, ...) are read at this step, so a budget-fitted run goes through the whole
-        schedule in fewer steps."""
-        return step * self.ratio
+        """The step of the configured schedule that actual step `step` stands for: step * ratio, or after a
+        re-plan its segment's start plus the steps since times that segment's ratio. Schedules (learning rate,
+        GAN switch-on, ...) are read at this step, so a budget-fitted run goes through the whole schedule in fewer
+        steps."""
+        for a, n, r in reversed(self.segments):
+            if step >= a:
+                return n + (step - a) * r
+        return step * self._ratio0
 
     def halflife(self, steps: float) -> float:
-        """An EMA half-life in configured steps, in actual steps of this run."""
+        """An EMA half-life in configured steps, in actual steps of this run (at the current ratio)."""
         return steps / self.ratio
 
     def log(self, step: int, **scalars: float) -> None:
