@@ -139,11 +139,20 @@ def test_replan_fits_the_rest_of_the_schedule_when_steps_cost_more(tmp_path, mon
     assert m["steps_done"] == 43 and not m["stopped_early"] and m["train_seconds"] == 56.0 <= 60
     assert lrs[31] == pytest.approx(common.lr_at(31 * r0, tc))  # before the re-plan: the first ratio
     assert lrs[42] == pytest.approx(common.lr_at(n + 10 * r, tc)) and lrs[42] < 0.12 * tc.lr  # the schedule's end
-    # without the re-plan the run would have hit the budget guard at nominal step ~80, schedule unfinished
+    # without the stage's call the periodic re-timing (at a quarter of the first plan, step 15 + 10) catches the
+    # change later: steps 28-39 timed, 51.5 s spent at step 40, 3 steps left for nominal 71.4 .. 100
     clock.t = 0.0
     toy_train(tmp_path / "c", cfg, clock=clock, costly_from=30, replan=False)
     m = read_json(tmp_path / "c" / "metrics.json")
-    assert m["stopped_early"] and m["steps_done"] == 46 and read_json(tmp_path / "c" / "plan.json")["segments"] == []
+    (a2, n2, r2), = read_json(tmp_path / "c" / "plan.json")["segments"]
+    assert not m["stopped_early"] and m["steps_done"] == 43 and m["train_seconds"] == 56.0
+    assert a2 == 40 and n2 == pytest.approx(40 * r0) and r2 == pytest.approx((100 - 40 * r0) / 3)
+    # with neither, the guard stops the run at step 46, nominal step ~82, its schedule unfinished
+    monkeypatch.setattr(common, "REPLAN_FRACTIONS", ())
+    clock.t = 0.0
+    toy_train(tmp_path / "d", cfg, clock=clock, costly_from=30, replan=False)
+    m = read_json(tmp_path / "d" / "metrics.json")
+    assert m["stopped_early"] and m["steps_done"] == 46 and read_json(tmp_path / "d" / "plan.json")["segments"] == []
     # resumed after the re-plan: same plan, same weights
     clock.t = 0.0
     with pytest.raises(Stop):

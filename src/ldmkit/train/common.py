@@ -301,7 +301,8 @@ class Run:
 
         With `train.fit_budget` the first steps are timed and the run is planned to end inside `max_minutes`
         (see `fit_to_budget`); a stage whose steps change cost part-way (CLIP when its text tower unlocks) calls
-        `replan` there, and the rest of the schedule is fitted again to the time left. The plan is kept in
+        `replan` there, and the rest of the schedule is fitted again to the time left; the same happens at
+        REPLAN_FRACTIONS of the first plan, as steps drift from their first timing. The plan is kept in
         DIR/plan.json, so a resumed run follows the same schedule.
         """
         from tqdm.auto import tqdm
@@ -320,6 +321,7 @@ class Run:
                          disable=not self._progress, dynamic_ncols=True, file=sys.stderr)
         self._step_last = start
         t_calib = None
+        periodic: set[int] = set()
         step = start
         while step < min(total, self.total):
             if budget and time.perf_counter() - self._t0 > budget:
@@ -335,8 +337,13 @@ class Run:
                 self._set_plan(fit_to_budget(total, step, step_s, left), total)
                 fitting = False
                 self._write_plan(step_s)
+                # steps drift from the first timing (clocks settle under sustained load, data changes): time
+                # them again a few times on the way and re-fit what is left
+                periodic = {step + int(f * (self.total - step)) for f in REPLAN_FRACTIONS}
                 self.print(f"time budget: {step_s * 1000:.0f} ms/step, so {self.total} of {total} steps fit "
                            f"{self.tc.max_minutes} min; the schedule is compressed {self.ratio:.2f}x (plan.json)")
+            if step in periodic and self._replan_at is None:
+                self._replan_at = step
             if self._replan_at is not None and step == self._replan_at + CALIB_SKIP:
                 t_calib = time.perf_counter()
             if self._replan_at is not None and step == self._replan_at + CALIB_SKIP + CALIB_STEPS:
@@ -358,11 +365,9 @@ class Run:
     def replan(self, step: int) -> None:
         """The steps from `step` on cost differently: time a few of them and fit the rest of the schedule to the
         budget left (a no-op without `fit_budget`, and on a resumed run that already re-planned past this step)."""
-        if not self._fitting or self._replan_at is not None:
+        if not self._fitting or (self.segments and step <= self.segments[-1][0]):
             return
-        if self.segments and step <= self.segments[-1][0]:
-            return
-        self._replan_at = step
+        self._replan_at = step  # replaces a pending periodic re-timing: the steps before this one cost differently
 
     def _refit(self, step: int, step_s: float, left: float) -> None:
         """From `step` on: as many steps as fit `left` seconds at `step_s`, covering the rest of the nominal
@@ -472,6 +477,7 @@ class Run:
 PLAN_FILE = "plan.json"
 CALIB_SKIP, CALIB_STEPS = 3, 12  # steps left untimed (allocation, caches), then timed for the budget plan
 BUDGET_RESERVE = 0.06  # share of the budget kept free (later steps that cost more, the final checkpoint)
+REPLAN_FRACTIONS = (0.25, 0.5, 0.75)  # where in the first plan the steps are timed again and the rest re-fitted
 
 
 def fit_to_budget(total: int, done: int, step_seconds: float, seconds_left: float) -> int:
