@@ -147,12 +147,14 @@ def test_replan_fits_the_rest_of_the_schedule_when_steps_cost_more(tmp_path, mon
     (a2, n2, r2), = read_json(tmp_path / "c" / "plan.json")["segments"]
     assert not m["stopped_early"] and m["steps_done"] == 43 and m["train_seconds"] == 56.0
     assert a2 == 40 and n2 == pytest.approx(40 * r0) and r2 == pytest.approx((100 - 40 * r0) / 3)
-    # with neither, the guard stops the run at step 46, nominal step ~82, its schedule unfinished
+    # with neither, the guard stops the run before step 45 (59 s spent, a 1.5 s step would end past 60 s), at
+    # nominal step ~80, its schedule unfinished
     monkeypatch.setattr(common, "REPLAN_FRACTIONS", ())
     clock.t = 0.0
     toy_train(tmp_path / "d", cfg, clock=clock, costly_from=30, replan=False)
     m = read_json(tmp_path / "d" / "metrics.json")
-    assert m["stopped_early"] and m["steps_done"] == 46 and read_json(tmp_path / "d" / "plan.json")["segments"] == []
+    assert m["stopped_early"] and m["steps_done"] == 45 and m["train_seconds"] == 59.0
+    assert read_json(tmp_path / "d" / "plan.json")["segments"] == []
     # resumed after the re-plan: same plan, same weights
     clock.t = 0.0
     with pytest.raises(Stop):

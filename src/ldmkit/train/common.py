@@ -297,7 +297,8 @@ class Run:
 
     # -- loop helpers
     def steps(self, start: int, total: int) -> Iterator[int]:
-        """Step indices start..total-1 with a progress bar; stops early when `max_minutes` is spent.
+        """Step indices start..total-1 with a progress bar; stops early when another step (as long as the last
+        one) would end past `max_minutes`.
 
         With `train.fit_budget` the first steps are timed and the run is planned to end inside `max_minutes`
         (see `fit_to_budget`); a stage whose steps change cost part-way (CLIP when its text tower unlocks) calls
@@ -323,8 +324,11 @@ class Run:
         t_calib = None
         periodic: set[int] = set()
         step = start
+        t_prev = None  # when the previous step started: its length is the guess for the next one
         while step < min(total, self.total):
-            if budget and time.perf_counter() - self._t0 > budget:
+            now = time.perf_counter()
+            last, t_prev = (now - t_prev if t_prev is not None else 0.0), now
+            if budget and now - self._t0 + last > budget:  # the next step would end past the budget
                 self.stopped_early = True
                 self.print(f"time budget of {self.tc.max_minutes} min spent at step {step}; saving and stopping")
                 self._t_trained = time.perf_counter()
