@@ -28,7 +28,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_backbone_speed import _timed, measure_peak  # noqa: E402
+from bench_backbone_speed import measure_peak, time_interleaved  # noqa: E402
 
 from ldmkit.autoencoder.vae import PRESETS as AE_PRESETS  # noqa: E402
 from ldmkit.autoencoder.vae import AutoencoderKL  # noqa: E402
@@ -93,13 +93,7 @@ def run(args) -> dict:
     for precision in args.precision.split(","):
         fns = {name: loss_fn(kind, m, x) for name, (kind, m) in models.items()}
         steps = {name: make_step(fns[name], models[name][1], precision) for name in models}
-        for fn in steps.values():
-            for _ in range(args.warmup):
-                fn()
-        times = {name: [] for name in steps}
-        for _ in range(args.rounds):
-            for name, fn in steps.items():
-                times[name].append(_timed(fn, clock))
+        times = time_interleaved(steps, clock, args.warmup, args.rounds)
         rows = {}
         for name, (kind, m) in models.items():
             counter = FlopCounterMode(display=False)

@@ -55,6 +55,19 @@ def _timed(fn, clock) -> float:
     return clock() - t0
 
 
+def time_interleaved(steps: dict, clock, warmup: int, rounds: int) -> dict[str, list[float]]:
+    """Each step function `warmup` times, then `rounds` rounds of one call each, interleaved so that a change in
+    machine load hits every model alike -> {name: [seconds per call]}."""
+    for fn in steps.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, fn in steps.items():
+            times[name].append(_timed(fn, clock))
+    return times
+
+
 def make_diffusers(widths, attention, layers: int, context_dim: int, groups: int):
     from diffusers import UNet2DConditionModel
 
@@ -150,13 +163,7 @@ def run(args) -> dict:
     for precision in args.precision.split(","):
         steps = {name: make_step(m, forward_fn(kind, m, b), b["target"], precision) for name, (kind, m) in
                  models.items()}
-        for fn in steps.values():
-            for _ in range(args.warmup):
-                fn()
-        times = {name: [] for name in steps}
-        for _ in range(args.rounds):
-            for name, fn in steps.items():
-                times[name].append(_timed(fn, clock))
+        times = time_interleaved(steps, clock, args.warmup, args.rounds)
         rows = {}
         for name, (kind, m) in models.items():
             flops = count_step_flops(forward_fn(kind, m, b), b["target"])
