@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import json
 import os
 import platform
 import statistics
@@ -28,7 +27,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_backbone_speed import measure_peak, time_interleaved  # noqa: E402
+from bench_backbone_speed import measure_peak, time_interleaved, write_result  # noqa: E402
 
 from ldmkit.autoencoder.vae import PRESETS as AE_PRESETS  # noqa: E402
 from ldmkit.autoencoder.vae import AutoencoderKL  # noqa: E402
@@ -136,10 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  [{precision}] {name:22s} {r['params'] / 1e6:.2f}M  {r['ms_per_step']:7.1f} ms/step "
                   f"(best {r['best_ms']:.1f})  {r['img_per_s']:5.0f} img/s  {r['gflop_per_step']:5.1f} GFLOP/step  "
                   f"{100 * r['peak_fraction']:.0f}% of peak{extra}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result(result, args.out)
     return 0
 
 

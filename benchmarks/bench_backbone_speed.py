@@ -55,6 +55,14 @@ def _timed(fn, clock) -> float:
     return clock() - t0
 
 
+def write_result(result: dict, path) -> None:
+    """The benchmark's JSON at `path` (folders created), and say so."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
 def time_interleaved(steps: dict, clock, warmup: int, rounds: int) -> dict[str, list[float]]:
     """Each step function `warmup` times, then `rounds` rounds of one call each, interleaved so that a change in
     machine load hits every model alike -> {name: [seconds per call]}."""
@@ -218,10 +226,7 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--precision {prec!r}: use fp32 or bf16 (fp16 runs at ~1 GFLOP/s on CPU)")
     result = run(args)
     print_report(result)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result(result, args.out)
     return 0
 
 

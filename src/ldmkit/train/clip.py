@@ -30,11 +30,12 @@ from ldmkit.data.shapes import redraw
 from ldmkit.diffusion.samplers import example_seed
 from ldmkit.train import common
 from ldmkit.train.args import load_data, resolve_config, train_parser
+from ldmkit.train.clip_negatives import (HARD_NEGATIVE_ATTRIBUTES, exhaustive_negatives, hard_negative,  # noqa: F401
+                                         recaption, shape_twin, training_pairs)
 from ldmkit.train.common import TrainConfig
 
 CAPTION_STREAM, AUGMENT_STREAM, TWIN_STREAM, CENTRE_STREAM = 2, 3, 4, 5  # example_seed streams of the caption,
                                                                        # augmentation, shape-twin and centring draws
-HARD_NEGATIVE_ATTRIBUTES = ("shape", "color", "position")  # the attributes a hard-negative caption changes
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,7 @@ PRESETS = {
     # pairs), with the centred start 93.0% (72%). This preset, idle 2-core AVX512-BF16 CPU, bench_clip.py: 1100
     # steps in 464 s, shape 89.9% (held-out pairs 66%), colour 99.9%, position 99.9%, size 98.5%, t2i R@1 98.9%
     # (held-out pairs 99.3%): shape sits at the 90% line. Steps after the lock cost ~1.7x those before it (the
-    # exhaustive negatives' backward), so the budget fit, timed before the lock, plans too many steps.
+    # exhaustive negatives' backward); the run re-plans its budget there (Run.replan_at).
     "shapes": CLIPStage(
         model=CLIPConfig(text=TextConfig(vocab_size=512, max_length=40, width=128, layers=3, heads=4),
                          vision=ViTConfig(image_size=32, channels=3, patch_size=8, width=128, layers=4, heads=4,
@@ -185,85 +186,6 @@ def noisy_caption(caption: str, rng: random.Random, p: float) -> str:
     return " ".join(words)
 
 
-
-
-def hard_negative(ds, i: int, state: tuple, rng: random.Random, p: float, positive: str,
-                  weights: tuple[float, ...] = (1.0, 1.0, 1.0)) -> str | None:
-    """With probability p, a caption of example i's scene with its shape, colour or position changed (chosen with
-    the relative odds `weights`), else None.
-
-    `state` is the state the caption rng had before it drew the positive caption, so the negative repeats the
-    positive's wording wherever the changed word allows (Python's choice among a different number of synonyms can
-    shift later draws). Shape and colour are always named, so those negatives are always false for the image; a
-    position negative equals the positive when the caption left the position out, and is then dropped (None).
-    Contrasting an image with its own caption with one fact changed (NegCLIP, Yuksekgonul et al. 2023) puts the
-    whole weight of that term on the changed fact, where random in-batch negatives mostly differ in the easy ones
-    (colour, background). It does not replace a ViT that can see position (`ViTConfig.pos_init`).
-    """
-    if p <= 0 or rng.random() >= p:
-        return None
-    attribute = rng.choices(HARD_NEGATIVE_ATTRIBUTES, weights=weights)[0]
-    choices = [v for v in range(len(ds.label_names[attribute])) if v != int(ds.labels[attribute][i])]
-    negative = recaption(ds, i, state, **{attribute: rng.choice(choices)})
-    return None if negative == positive else negative
-
-
-def recaption(ds, i: int, state: tuple, **changes: int) -> str:
-    """Example i's caption with some attribute values replaced, in the wording the caption rng `state` gives."""
-    from ldmkit.data.shape_captions import shape_caption
-    values = {k: int(ds.labels[k][i]) for k in ("shape", "color", "size", "position", "background")}
-    values.update(changes)
-    wording = random.Random()
-    wording.setstate(state)
-    return shape_caption(**values, rng=wording)
-
-
-def exhaustive_negatives(ds, i: int, state: tuple, attributes: tuple[str, ...], allowed: set) -> list[str]:
-    """Example i's caption once with every other value of each listed attribute, in the positive's wording: the
-    image-to-text softmax then holds every alternative of that fact, as a supervised classifier's would, so the
-    image tower gets the full-strength gradient for it from the first step. A single random hard negative
-    contrasts one alternative at a time, and in-batch negatives almost never differ in that fact alone.
-
-    Captions naming a held-out (shape, colour) pair are left out (`allowed`: training_pairs), so training text
-    never puts those words together either; the list is shorter for such examples (masked in the loss).
-    """
-    out = []
-    for a in attributes:
-        for v in range(len(ds.label_names[a])):
-            if v == int(ds.labels[a][i]):
-                continue
-            pair = {"shape": int(ds.labels["shape"][i]), "color": int(ds.labels["color"][i]), a: v}
-            if (pair["shape"], pair["color"]) in allowed:
-                out.append(recaption(ds, i, state, **{a: v}))
-    return out
-
-
-def training_pairs(ds) -> set[tuple[int, int]]:
-    """(shape, colour) index pairs the training split may show: all but the held-out ones."""
-    shapes, colors = ds.label_names["shape"], ds.label_names["color"]
-    held = {(shapes.index(a), colors.index(b)) for a, b in ds.meta.get("heldout", [])}
-    return {(a, b) for a in range(len(shapes)) for b in range(len(colors))} - held
-
-
-def shape_twin(ds, i: int, state: tuple, rng: random.Random, allowed: set) -> tuple[dict, str]:
-    """Example i's scene with another shape (another colour when its colour has no other training shape), never a
-    held-out pair: (attribute values, caption in the positive's wording, from the caption rng `state`).
-
-    Unlike a text-only hard negative, whose pull on the image tower is the difference between two text embeddings
-    (near zero while the text tower cannot tell the shape words apart), a redrawn twin in the batch asks the image
-    tower directly to embed two images that differ only in shape apart: its caption has to pick its own image.
-    """
-    from ldmkit.data.shape_captions import shape_caption
-    values = {k: int(ds.labels[k][i]) for k in ("shape", "color", "size", "position", "background")}
-    s0, c0 = values["shape"], values["color"]
-    shapes = [s for s in range(len(ds.label_names["shape"])) if s != s0 and (s, c0) in allowed]
-    if shapes:
-        values["shape"] = rng.choice(shapes)
-    else:
-        values["color"] = rng.choice([c for c in range(len(ds.label_names["color"])) if c != c0 and (s0, c) in allowed])
-    wording = random.Random()
-    wording.setstate(state)
-    return values, shape_caption(**values, rng=wording)
 
 
 def centre(model: CLIPModel, ds, n: int, seed: int, run) -> None:
@@ -351,8 +273,7 @@ def train(cfg: CLIPStage, out, spec: str, ds, resume: bool = False, init_from: s
     net = common.wrap_ddp(model, run.device)
     opt = common.make_adamw(model.parameters(), tc)
     text_params = [*model.text.parameters(), *model.text_proj.parameters()]
-    allowed = training_pairs(ds) if cfg.shape_twins else set()
-    pairs = training_pairs(ds) if cfg.exhaustive_negatives else set()
+    allowed = training_pairs(ds) if cfg.shape_twins or cfg.exhaustive_negatives else set()
     # negatives per example: the same on every rank, so the gathered (N, K, E) tensors line up
     K = (cfg.hard_negatives > 0) + sum(len(ds.label_names[a]) - 1 for a in cfg.exhaustive_negatives)
     start = run.restore({"model": model, "ema": ema}, {"opt": opt})
@@ -370,7 +291,7 @@ def train(cfg: CLIPStage, out, spec: str, ds, resume: bool = False, init_from: s
             one = hard_negative(ds, i, state, r, cfg.hard_negatives, captions[-1], cfg.hard_negative_weights) \
                 if cfg.hard_negatives else None
             singles.append([] if one is None else [one])
-            extras.append(exhaustive_negatives(ds, i, state, cfg.exhaustive_negatives, pairs))
+            extras.append(exhaustive_negatives(ds, i, state, cfg.exhaustive_negatives, allowed))
         if cfg.shape_twins:
             twins = [shape_twin(ds, i, st, random.Random(example_seed(tc.seed, int(g), TWIN_STREAM)), allowed)
                      for i, st, g in zip(idx.tolist(), states, gidx)]
