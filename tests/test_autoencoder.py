@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import require
 
 from ldmkit.autoencoder import (PRESETS, AutoencoderConfig, AutoencoderKL, DiagonalGaussian, LossConfig,
@@ -90,6 +91,25 @@ def test_downsampling_factor_and_shapes(levels):
     x = torch.randn(2, 1, 32, 48)
     recon, post = model(x)
     assert post.mean.shape == (2, 3, 32 // f, 48 // f) and recon.shape == x.shape
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 3, 7), (3, 16, 8, 8)])
+def test_folded_upsample_equals_nearest_then_conv(shape):
+    """The decoder's upsampler (a folded 4x4 transposed conv) against nearest x2 + the 3x3 conv it stores, written
+    here with torch's own ops: same output and same gradients for input, weight and bias (fp32)."""
+    from ldmkit.autoencoder.vae import Upsample
+    torch.manual_seed(0)
+    up = Upsample(shape[1])
+    x = torch.randn(*shape, requires_grad=True)
+    ref = F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), up.conv.weight, up.conv.bias, padding=1)
+    out = up(x)
+    assert out.shape == ref.shape == (shape[0], shape[1], 2 * shape[2], 2 * shape[3])
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(ref)
+    got = torch.autograd.grad(out, [x, up.conv.weight, up.conv.bias], g)
+    want = torch.autograd.grad(ref, [x, up.conv.weight, up.conv.bias], g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
 
 
 def test_presets_and_bad_input():

@@ -104,20 +104,20 @@ PRESETS = {
     # (shape 2:1:1) and no centring, 1300 steps reach colour 100%, position 100% and shape 78% (8 min), and shape
     # on held-out pairs 25% (a linear probe on the image features finds shape at 33% after 500 steps: the image
     # tower had not learned it). 1300 steps at 1 thread: exhaustive shape negatives 89.7% shape (63% on held-out
-    # pairs), with the centred start 93.0% (72%). This preset, idle 2-core AVX512-BF16 CPU, bench_clip.py: 1100
-    # steps in 464 s, shape 89.9% (held-out pairs 66%), colour 99.9%, position 99.9%, size 98.5%, t2i R@1 98.9%
-    # (held-out pairs 99.3%): shape sits at the 90% line. Steps after the lock cost ~1.7x those before it (the
-    # exhaustive negatives' backward); the run re-plans its budget there (Run.replan_at).
+    # pairs), with the centred start 93.0% (72%). On an idle 2-core AVX512-BF16 CPU (bench_clip.py) 1100 steps in
+    # 8 minutes left shape at 89.9%; this preset's 11 minutes fit 1486 steps: shape 93.2% (held-out pairs 69.7%),
+    # colour 100%, position 100%, size 99.3%, t2i R@1 99.1% (held-out pairs 99.3%). Steps after the lock cost ~1.7x
+    # those before it (the exhaustive negatives' backward); the run re-plans its budget there (Run.replan_at).
     "shapes": CLIPStage(
         model=CLIPConfig(text=TextConfig(vocab_size=512, max_length=40, width=128, layers=3, heads=4),
                          vision=ViTConfig(image_size=32, channels=3, patch_size=8, width=128, layers=4, heads=4,
                                           pool="mean", pos_init="sincos", stem="conv"),
                          embed_dim=128),
-        train=TrainConfig(steps=1100, batch_size=128, lr=1e-3, warmup_steps=100, weight_decay=0.05,
+        train=TrainConfig(steps=1600, batch_size=128, lr=1e-3, warmup_steps=100, weight_decay=0.05,
                           betas=(0.9, 0.98), ema_halflife_steps=50, precision="bf16", log_every=100,
-                          ckpt_every=200, max_minutes=8, fit_budget=True),
+                          ckpt_every=200, max_minutes=11, fit_budget=True),
         shift=1, hard_negatives=1.0, hard_negative_weights=(0.0, 1.0, 1.0), exhaustive_negatives=("shape",),
-        center_init=1024, lock_text_steps=550),
+        center_init=1024, lock_text_steps=800),
 }
 
 

@@ -47,8 +47,8 @@ PRESETS = {
                                     clip=StagePlan("fashion-mnist", 8), denoiser=StagePlan("fashion-mnist", 20),
                                     classifier=StagePlan("fashion-mnist", 5),
                                     eval_classifier=StagePlan("fashion-mnist", 6)),
-    "shapes": PipelinePreset(data="shapes", autoencoder=StagePlan("shapes", 12), clip=StagePlan("shapes", 8),
-                             denoiser=StagePlan("shapes", 22)),
+    "shapes": PipelinePreset(data="shapes", autoencoder=StagePlan("shapes", 12), clip=StagePlan("shapes", 11),
+                             denoiser=StagePlan("shapes", 20)),
 }
 
 
