@@ -47,6 +47,8 @@ class EvalClassifierConfig:
     dropout: float = 0.1  # dropout before the linear head (features are taken before it)
     pixel_mean: float = 0.2860  # Fashion-MNIST training-set mean of x / 255
     pixel_std: float = 0.3530  # Fashion-MNIST training-set std of x / 255
+    head: str = "avg"  # "avg": linear head on the global average pool; "flat": on the flattened last feature map
+    #                    (keeps where things are: the shapes position judge)
 
 
 PRESETS = {
@@ -76,8 +78,11 @@ class EvalClassifier(nn.Module):
             if i < len(config.widths) - 1:
                 layers.append(nn.MaxPool2d(2))
         self.body = nn.Sequential(*layers)
+        if config.head not in ("avg", "flat"):
+            raise ValueError(f"head={config.head!r}: use 'avg' or 'flat'")
         self.dropout = nn.Dropout(config.dropout)
-        self.head = nn.Linear(c, config.num_classes)
+        side = config.image_size // 2 ** (len(config.widths) - 1)
+        self.head = nn.Linear(c * side * side if config.head == "flat" else c, config.num_classes)
         self.feature_dim = c
         self.initialize_weights()
 
@@ -115,22 +120,29 @@ class EvalClassifier(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Penultimate features (N, F): global average pool of the last stage, before dropout and the head."""
+        return self.logits_and_features(x)[1]
+
+    def logits_and_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits (N, num_classes), features (N, F)) in one pass."""
         h = self.body(self.preprocess(x))  # (N, F, h, w)
-        return h.mean(dim=(2, 3))  # (N, F)
+        f = h.mean(dim=(2, 3))  # (N, F)
+        return self.head(self.dropout(h.flatten(1) if self.config.head == "flat" else f)), f
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.dropout(self.features(x)))  # (N, num_classes) logits
+        return self.logits_and_features(x)[0]  # (N, num_classes) logits
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Training
 
 
-def augment(x: torch.Tensor, gen: torch.Generator, max_shift: int = 1) -> torch.Tensor:
-    """Random horizontal flips and integer shifts (zero fill) of uint8 NCHW images; one draw per image."""
+def augment(x: torch.Tensor, gen: torch.Generator, max_shift: int = 1, flip: bool = True) -> torch.Tensor:
+    """Random horizontal flips (unless flip=False) and integer shifts (zero fill) of uint8 NCHW images; one draw
+    per image."""
     n, _, h, w = x.shape
-    flip = torch.rand(n, generator=gen) < 0.5
-    x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    if flip:
+        mirror = torch.rand(n, generator=gen) < 0.5
+        x = torch.where(mirror[:, None, None, None], x.flip(3), x)
     p = max_shift
     xp = F.pad(x, (p, p, p, p))  # (N, C, H + 2p, W + 2p)
     oy = torch.randint(0, 2 * p + 1, (n,), generator=gen)
@@ -140,16 +152,17 @@ def augment(x: torch.Tensor, gen: torch.Generator, max_shift: int = 1) -> torch.
     return xp[torch.arange(n)[:, None, None, None], torch.arange(x.shape[1])[None, :, None, None], rows, cols]
 
 
-def _to_nchw_uint8(images, name: str) -> torch.Tensor:
+def _to_nchw_uint8(images, name: str, channels: int = 1) -> torch.Tensor:
     x = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
     if x.dtype != torch.uint8:
         raise ValueError(f"{name} must be uint8 images, got dtype {x.dtype}")
-    if x.ndim == 4 and x.shape[-1] == 1:
+    if x.ndim == 4 and x.shape[-1] == channels and x.shape[1] != channels:
         x = x.permute(0, 3, 1, 2)
-    elif x.ndim == 3:
+    elif x.ndim == 3 and channels == 1:
         x = x[:, None]
-    if x.ndim != 4 or x.shape[1] != 1:
-        raise ValueError(f"{name} must be (N, H, W, 1), (N, 1, H, W) or (N, H, W); got {tuple(x.shape)}")
+    if x.ndim != 4 or x.shape[1] != channels:
+        raise ValueError(f"{name} must be (N, H, W, {channels}) or (N, {channels}, H, W)"
+                         f"{' or (N, H, W)' if channels == 1 else ''}; got {tuple(x.shape)}")
     return x.contiguous()
 
 
@@ -169,9 +182,9 @@ def predict(model: EvalClassifier, images, batch_size: int = 500) -> tuple[torch
     x = torch.as_tensor(images) if not isinstance(images, torch.Tensor) else images
     logits, feats = [], []
     for i in range(0, x.shape[0], batch_size):
-        f = model.features(x[i:i + batch_size])
+        lg, f = model.logits_and_features(x[i:i + batch_size])
         feats.append(f)
-        logits.append(model.head(f))
+        logits.append(lg)
     model.train(was_training)
     return torch.cat(logits), torch.cat(feats)
 
@@ -180,11 +193,12 @@ def train_eval_classifier(train_images, train_labels, test_images, test_labels, 
                           batch_size: int = 128, seed: int = 0, progress: bool = True,
                           config: EvalClassifierConfig | None = None, lr: float = 3e-3,
                           weight_decay: float = 0.05, label_smoothing: float = 0.1,
-                          max_shift: int = 1, bf16: bool = True) -> tuple[EvalClassifier, float]:
+                          max_shift: int = 1, flip: bool = True, bf16: bool = True) -> tuple[EvalClassifier, float]:
     """Train the evaluation classifier with AdamW and a one-cycle schedule; returns (model in eval mode, test acc).
 
     Images are uint8 (N, 28, 28, 1); labels int (N,). Batches are drawn by seeded per-epoch permutations and
-    augmented with random horizontal flips and shifts of up to `max_shift` pixels (0 disables shifts). `bf16`
+    augmented with random horizontal flips (flip=False: none, where left and right differ in meaning) and shifts of
+    up to `max_shift` pixels (0 disables shifts). `bf16`
     runs the training forward under bfloat16 autocast where the CPU has bf16 units (about 1.5x faster there;
     emulated bf16 on other CPUs is far slower, so they train in float32);
     evaluation and `features` stay float32. The defaults are the measured recipe: 92.37% test accuracy on
@@ -194,10 +208,12 @@ def train_eval_classifier(train_images, train_labels, test_images, test_labels, 
     """
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    x, y = _to_nchw_uint8(train_images, "train_images"), torch.as_tensor(np.asarray(train_labels)).long()
+    config = config or EvalClassifierConfig()
+    x = _to_nchw_uint8(train_images, "train_images", config.in_channels)
+    y = torch.as_tensor(np.asarray(train_labels)).long()
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"train_images has {x.shape[0]} images but train_labels has {y.shape[0]} labels")
-    model = EvalClassifier(config or EvalClassifierConfig())
+    model = EvalClassifier(config)
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
@@ -209,7 +225,7 @@ def train_eval_classifier(train_images, train_labels, test_images, test_labels, 
             order, pos = torch.randperm(x.shape[0], generator=gen), 0
         idx = order[pos:pos + batch_size]
         pos += batch_size
-        xb = augment(x[idx], gen, max_shift).contiguous(memory_format=torch.channels_last)
+        xb = augment(x[idx], gen, max_shift, flip).contiguous(memory_format=torch.channels_last)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16 and bf16_is_fast("cpu")):
             logits = model(xb)
         loss = F.cross_entropy(logits.float(), y[idx], label_smoothing=label_smoothing)

@@ -153,8 +153,7 @@ def build(cfg: AutoencoderStage, channels: int, device: torch.device):
         params.append(modules["logvar"]["s"])
     optimizers = {"opt": common.make_adamw(params, cfg.train)}
     if disc is not None:
-        optimizers["opt_disc"] = torch.optim.AdamW(disc.parameters(), lr=cfg.disc_lr, betas=cfg.disc_betas,
-                                                   weight_decay=0.0)
+        optimizers["opt_disc"] = common.adamw(disc.parameters(), cfg.disc_lr, cfg.disc_betas, 0.0)
     return modules, optimizers
 
 
