@@ -1,9 +1,9 @@
 """Autoencoder training-step speed: ldmkit's AutoencoderKL against diffusers' AutoencoderKL, identical config.
 
-One step = encode, sample the posterior, decode, L1 reconstruction + KL, backward, AdamW, on a batch of images;
-both models are built from the same configuration (the Fashion-MNIST preset's by default: 1 channel, 32x32,
-block_out_channels (32, 64, 128), one layer per block, 4 latent channels, GroupNorm 16), have the same parameter
-count, and run at the same precision. Timed in interleaved rounds (median and best), with FLOPs per step counted
+One step = encode, sample the posterior, decode, L1 reconstruction + KL, backward, AdamW (fused where torch has
+it, as ldmkit trains; the same optimizer for both), on a batch of images; both models are built from the same
+configuration (the Fashion-MNIST preset's by default: 1 channel, 32x32, block_out_channels (32, 64, 128), one layer
+per block, 4 latent channels, GroupNorm 16), have the same parameter count, and run at the same precision. Timed in interleaved rounds (median and best), with FLOPs per step counted
 by torch.utils.flop_counter, the achieved FLOP/s and its fraction of this machine's measured fp32 peak (the faster
 of torch.mm and F.linear at 2048x2048, as in bench_backbone_speed.py). The machine's load average is recorded.
 
@@ -33,6 +33,7 @@ from ldmkit.autoencoder.vae import PRESETS as AE_PRESETS  # noqa: E402
 from ldmkit.autoencoder.vae import AutoencoderKL  # noqa: E402
 from ldmkit.nn import count_params  # noqa: E402
 from ldmkit.train.autoencoder import PRESETS as STAGE_PRESETS  # noqa: E402
+from ldmkit.train.common import adamw  # noqa: E402
 
 
 def make_diffusers(cfg):
@@ -59,7 +60,7 @@ def loss_fn(kind: str, model, x: torch.Tensor):
 
 
 def make_step(fn, model, precision: str):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = adamw(model.parameters(), 1e-4, (0.9, 0.999), 0.01)  # fused where torch has it, the same for both
 
     def step():
         opt.zero_grad(set_to_none=True)
@@ -83,6 +84,8 @@ def run(args) -> dict:
     if args.channels_last:
         cl = copy.deepcopy(ours).to(memory_format=torch.channels_last)
         models["ldmkit-channels-last"] = ("ours", cl)
+    if args.compile:  # torch.compile (inductor) of the whole loss function; compiling happens in the warm-up
+        models["ldmkit-compiled"] = ("ours", copy.deepcopy(ours))
     clock = time.perf_counter
     result = {"torch": torch.__version__, "threads": torch.get_num_threads(), "batch": args.batch,
               "preset": args.preset, "config": {k: (list(v) if isinstance(v, tuple) else v)
@@ -90,14 +93,15 @@ def run(args) -> dict:
               "machine": platform.processor() or platform.machine(), "loadavg_start": os.getloadavg(),
               "peak_gflops": measure_peak(clock), "precisions": {}}
     for precision in args.precision.split(","):
-        fns = {name: loss_fn(kind, m, x) for name, (kind, m) in models.items()}
+        raw = {name: loss_fn(kind, m, x) for name, (kind, m) in models.items()}  # FLOPs are counted on these
+        fns = {name: torch.compile(f) if name == "ldmkit-compiled" else f for name, f in raw.items()}
         steps = {name: make_step(fns[name], models[name][1], precision) for name in models}
         times = time_interleaved(steps, clock, args.warmup, args.rounds)
         rows = {}
         for name, (kind, m) in models.items():
             counter = FlopCounterMode(display=False)
             with counter:
-                fns[name]().backward()
+                raw[name]().backward()
             flops = counter.get_total_flops()
             med = statistics.median(times[name])
             rows[name] = {"params": count_params(m), "ms_per_step": 1000 * med, "best_ms": 1000 * min(times[name]),
@@ -119,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--precision", default="fp32,bf16", help="comma list of fp32, bf16 (bf16 = autocast)")
     p.add_argument("--channels-last", action="store_true", help="also time ldmkit's model in channels-last layout")
+    p.add_argument("--compile", action="store_true", help="also time ldmkit's model under torch.compile")
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "autoencoder_speed.json"))
