@@ -30,7 +30,10 @@ from ldmkit.diffusion.samplers import example_generators, get_sampler, randn
 from ldmkit.guidance.cfg import APGConfig, guided_denoiser
 from ldmkit.guidance.classifier import classifier_grad_fn, classifier_guidance
 
-MICRO_BATCH = 16  # every network call runs on chunks of exactly this many rows (padded), for batch invariance
+# Every network call runs on chunks of exactly this many rows (padded), for batch invariance: an image's bits do not
+# depend on which images share its batch. 16 keeps one-image requests cheap; bulk sampling runs faster with 64 (the
+# Fashion-MNIST UNet's forward over 128 rows: 443 ms in chunks of 16, 257 ms in chunks of 64, one thread).
+MICRO_BATCH = 16
 
 
 @dataclass(frozen=True)
@@ -93,13 +96,13 @@ def sample_latents(backbone, objective, encode: PromptEncoder, prompts: Sequence
                    shape: tuple[int, ...], *, seed: int, guidance: Guidance, sampler: str = "dpmpp-2m",
                    steps: int = 20, spacing: str = "trailing", classifier=None, class_labels=None,
                    x_start: torch.Tensor | None = None, start_step: int = 0, inpaint=None,
-                   progress: bool = False) -> torch.Tensor:
+                   progress: bool = False, micro_batch: int = MICRO_BATCH) -> torch.Tensor:
     """Latents (B, *shape) for one batch of prompts; example j is seeded by (seed, indices[j]).
 
     x_start / start_step: image-to-image (start from a noised latent at sigmas[start_step]); inpaint:
     (known latents, mask with 1 = generate) keeps the known region by replacing x0_hat outside the mask.
     """
-    denoise = make_denoiser(fixed_chunks(backbone), objective)
+    denoise = make_denoiser(fixed_chunks(backbone, micro_batch), objective)
     cond = encode(prompts)
     uncond = encode([guidance.negative_prompt]) if guidance.negative_prompt is not None else \
         {**cond, "drop": torch.ones(len(prompts), dtype=torch.bool)}
@@ -109,7 +112,8 @@ def sample_latents(backbone, objective, encode: PromptEncoder, prompts: Sequence
         if classifier is None or class_labels is None:
             raise ValueError("classifier guidance needs a pipeline with classifier/ and a class per prompt "
                              "(a prompt naming one class, or --class-label K)")
-        grad = classifier_grad_fn(fixed_chunks(classifier), torch.as_tensor(class_labels, dtype=torch.long))
+        grad = classifier_grad_fn(fixed_chunks(classifier, micro_batch),
+                                  torch.as_tensor(class_labels, dtype=torch.long))
         fn = classifier_guidance(fn, grad, guidance.classifier_scale)
     if inpaint is not None:
         known, mask = inpaint
@@ -174,9 +178,9 @@ class Pipeline:
 
     # ------------------------------------------------------------------ latents <-> images
     @torch.no_grad()
-    def decode(self, z: torch.Tensor) -> np.ndarray:
+    def decode(self, z: torch.Tensor, micro_batch: int = MICRO_BATCH) -> np.ndarray:
         """Scaled latents -> uint8 (N, H, W, C) images at the dataset's native size."""
-        x = fixed_chunks(self.autoencoder.decode)(z / self.scale_factor + self.shift_factor)
+        x = fixed_chunks(self.autoencoder.decode, micro_batch)(z / self.scale_factor + self.shift_factor)
         top, left, h, w = self.crop_box
         x = x[:, :, top:top + h, left:left + w]
         return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
@@ -201,8 +205,11 @@ class Pipeline:
     def generate(self, prompts: Sequence[str], *, guidance: Guidance, steps: int | None = None,
                  sampler: str | None = None, seed: int = 0, batch_size: int = 64, class_labels=None,
                  init_latents: torch.Tensor | None = None, strength: float = 1.0, inpaint=None,
-                 progress: bool = True) -> np.ndarray:
-        """One image per entry of `prompts` (rows in order; image i seeded by (seed, i)) -> uint8 NHWC."""
+                 progress: bool = True, micro_batch: int = MICRO_BATCH) -> np.ndarray:
+        """One image per entry of `prompts` (rows in order; image i seeded by (seed, i)) -> uint8 NHWC.
+        Images do not change with `batch_size`; `micro_batch` (rows per network call) may change their last bits."""
+        if micro_batch < 1:
+            raise ValueError(f"micro_batch={micro_batch} must be >= 1 (rows per network call)")
         steps = int(steps or self.defaults["steps"])
         sampler = sampler or self.defaults["sampler"]
         if not 0.0 <= strength <= 1.0:
@@ -219,8 +226,9 @@ class Pipeline:
             z = sample_latents(self.backbone, self.objective, self.encode, list(prompts[sl]),
                                range(b, b + len(prompts[sl])), self.latent_shape, seed=seed, guidance=guidance,
                                sampler=sampler, steps=steps, classifier=self.classifier, class_labels=labels,
-                               x_start=x0, start_step=start if x0 is not None else 0, inpaint=known)
-            out.append(self.decode(z))
+                               x_start=x0, start_step=start if x0 is not None else 0, inpaint=known,
+                               micro_batch=micro_batch)
+            out.append(self.decode(z, micro_batch))
             bar.update(len(prompts[sl]))
         bar.close()
         return np.concatenate(out)

@@ -1,0 +1,156 @@
+"""Sampling speed to an accuracy bar: ldmkit's pipeline against a diffusers pipeline around the same weights.
+
+    .venv/bin/python benchmarks/bench_sampling_speed.py PIPELINE_DIR [--per-class 50] [--bar 0.95]
+        [--ldmkit dpmpp-2m:6,dpmpp-2m:8,...] [--diffusers dpmpp-2m:8,euler:20,...]
+        [--out benchmarks/results/sampling_speed.json]
+
+Both sides draw the same images: prompts "a photo of a {class}" (`--per-class` per class), the pipeline's
+guidance scale, image i starting from the same noise (seeded by (0, i)), the same frozen text encoder, denoiser
+and autoencoder weights. The ldmkit side is `Pipeline.generate` with each (sampler, steps) in `--ldmkit` (network calls in chunks of
+`--micro-batch` rows, 64 by default as for bulk sampling). The
+diffusers side is the loop every diffusers pipeline runs: its scheduler (FlowMatchEulerDiscreteScheduler for
+"euler", DPMSolverMultistepScheduler with flow sigmas for "dpmpp-2m", both for flow-matching models), classifier-free
+guidance on one doubled batch, then diffusers' own AutoencoderKL holding the autoencoder's weights for decoding;
+the denoiser is ldmkit's module (diffusers has no class for it), called with diffusers' timestep convention
+(t = 1000 sigma). Every configuration is timed end to end (text encoding, sampling, decoding) and scored by the
+evaluation classifier; per side, the fastest configuration whose accuracy reaches `--bar` gives its images per
+second, and the JSON records the ratio. Run on an idle machine (the load average is recorded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_autoencoder_speed import make_diffusers  # noqa: E402
+from bench_pipeline import Scorer, class_prompts  # noqa: E402
+
+from ldmkit.checkpoint import provenance, write_json  # noqa: E402
+from ldmkit.diffusion.samplers import example_generators, randn  # noqa: E402
+from ldmkit.pipeline import Pipeline  # noqa: E402
+
+
+def diffusers_vae(pipe: Pipeline):
+    """diffusers' AutoencoderKL with the pipeline autoencoder's weights (the layouts and names are the same)."""
+    vae = make_diffusers(pipe.autoencoder.cfg)
+    vae.load_state_dict(pipe.autoencoder.state_dict(), strict=True)
+    return vae.eval()
+
+
+def diffusers_scheduler(name: str):
+    from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
+    if name == "euler":
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+    if name == "dpmpp-2m":
+        return DPMSolverMultistepScheduler(num_train_timesteps=1000, use_flow_sigmas=True, flow_shift=1.0,
+                                           prediction_type="flow_prediction", algorithm_type="dpmsolver++",
+                                           solver_order=2)
+    raise ValueError(f"diffusers sampler {name!r}: use euler or dpmpp-2m")
+
+
+@torch.no_grad()
+def diffusers_generate(pipe: Pipeline, vae, sampler: str, steps: int, prompts: list[str], w: float,
+                       batch_size: int = 64) -> np.ndarray:
+    """A diffusers pipeline's loop around the pipeline's weights -> uint8 (N, H, W, C) at the native size."""
+    if pipe.objective.kind != "flow":
+        raise SystemExit(f"this benchmark drives flow-matching denoisers; {pipe.root} predicts {pipe.objective.kind}")
+    out = []
+    for b in range(0, len(prompts), batch_size):
+        rows = prompts[b:b + batch_size]
+        n = len(rows)
+        cond = pipe.encode(rows)
+        both = {k: torch.cat([v, v]) for k, v in cond.items()}
+        both["drop"] = torch.cat([torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)])
+        sched = diffusers_scheduler(sampler)
+        sched.set_timesteps(steps)
+        lat = randn((n, *pipe.latent_shape), example_generators(0, list(range(b, b + n)))) * getattr(sched, "init_noise_sigma", 1.0)
+        for t in sched.timesteps:
+            x = torch.cat([lat, lat])
+            if hasattr(sched, "scale_model_input"):
+                x = sched.scale_model_input(x, t)
+            v = pipe.backbone(x, t.float().expand(2 * n), **both)
+            u, c = v.chunk(2)
+            lat = sched.step(u + w * (c - u), t, lat).prev_sample
+        img = vae.decode(lat / pipe.scale_factor + pipe.shift_factor).sample
+        top, left, h, wd = pipe.crop_box
+        img = img[:, :, top:top + h, left:left + wd]
+        out.append(((img.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
+    return np.concatenate(out)
+
+
+def parse_configs(text: str) -> list[tuple[str, int]]:
+    out = []
+    for item in text.split(","):
+        name, _, steps = item.partition(":")
+        if not steps.isdigit():
+            raise SystemExit(f"configuration {item!r}: write SAMPLER:STEPS, e.g. dpmpp-2m:8")
+        out.append((name, int(steps)))
+    return out
+
+
+def fastest_at_bar(rows: list[dict], bar: float) -> dict | None:
+    ok = [r for r in rows if r["accuracy"] is not None and r["accuracy"] >= bar]
+    return max(ok, key=lambda r: r["img_per_s"]) if ok else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("pipeline")
+    p.add_argument("--per-class", type=int, default=50)
+    p.add_argument("--bar", type=float, default=0.95, help="evaluation-classifier accuracy to reach")
+    p.add_argument("--ldmkit", default="dpmpp-2m:6,dpmpp-2m:8,dpmpp-2m:12,dpmpp-2m:20")
+    p.add_argument("--diffusers", default="dpmpp-2m:6,dpmpp-2m:8,dpmpp-2m:12,dpmpp-2m:20,euler:20,euler:40")
+    p.add_argument("--micro-batch", type=int, default=64, help="ldmkit's rows per network call (bulk sampling)")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--out", default="benchmarks/results/sampling_speed.json")
+    args = p.parse_args(argv)
+    root = Path(args.pipeline)
+    pipe = Pipeline.load(root)
+    scorer = Scorer(root, args.data_dir)
+    w = float(pipe.defaults["guidance"])
+    prompts, labels = class_prompts(args.per_class, None)
+    vae = diffusers_vae(pipe)
+    result = {"pipeline": str(root), "eval_classifier_sha256": scorer.sha, "guidance": w, "images": len(prompts),
+              "bar": args.bar, "micro_batch": args.micro_batch, "threads": torch.get_num_threads(), "loadavg_start": os.getloadavg(),
+              **provenance(), "ldmkit": [], "diffusers": []}
+
+    def timed(side, name, steps, fn):
+        pipe.encode.cache.clear()  # each configuration pays for its text encoding
+        t = time.perf_counter()
+        images = fn()
+        secs = time.perf_counter() - t
+        s = scorer(images, labels)
+        row = {"sampler": name, "steps": steps, "seconds": round(secs, 2), "img_per_s": round(len(prompts) / secs, 2),
+               **{k: s[k] for k in ("accuracy", "fd", "fd_floor", "precision", "recall")}}
+        print(f"[{side}] {name}:{steps} {json.dumps(row)}", file=sys.stderr, flush=True)
+        result[side].append(row)
+
+    warm = prompts[:8]  # first calls pay one-time costs (allocator, thread pool, lazy imports): not timed
+    pipe.generate(warm, guidance=pipe.guidance(w), steps=2, progress=False)
+    diffusers_generate(pipe, vae, "euler", 2, warm, w)
+    for name, steps in parse_configs(args.ldmkit):
+        timed("ldmkit", name, steps, lambda: pipe.generate(prompts, guidance=pipe.guidance(w), steps=steps,
+                                                           sampler=name, progress=False,
+                                                           micro_batch=args.micro_batch))
+    for name, steps in parse_configs(args.diffusers):
+        timed("diffusers", name, steps, lambda: diffusers_generate(pipe, vae, name, steps, prompts, w))
+    best = {side: fastest_at_bar(result[side], args.bar) for side in ("ldmkit", "diffusers")}
+    result["fastest_at_bar"] = best
+    result["speedup_at_bar"] = (best["ldmkit"]["img_per_s"] / best["diffusers"]["img_per_s"]
+                                if best["ldmkit"] and best["diffusers"] else None)
+    result["loadavg_end"] = os.getloadavg()
+    write_json(args.out, result)
+    print(json.dumps({"fastest_at_bar": best, "speedup_at_bar": result["speedup_at_bar"]}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
