@@ -59,9 +59,12 @@ class Scorer:
         return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}
 
 
+MICRO = 64  # rows per network call: bulk sampling (the images differ from micro_batch=16 only in the last bits)
+
+
 def run(pipe: Pipeline, scorer: Scorer, prompts, labels, **kw) -> dict:
     t = time.perf_counter()
-    images = pipe.generate(prompts, steps=20, progress=False, **kw)
+    images = pipe.generate(prompts, steps=20, progress=False, micro_batch=MICRO, **kw)
     secs = time.perf_counter() - t
     return {**scorer(images, labels), "seconds": round(secs, 1), "img_per_s": round(len(prompts) / secs, 2)}
 
@@ -79,16 +82,16 @@ def edit_checks(pipe: Pipeline, scorer: Scorer, n: int = 200) -> dict:
     other = (y + 5) % 10
     prompts = [fill_template("a photo of a {}", FASHION_CLASSES[c]) for c in other]
     g = pipe.guidance()
-    recon = pipe.decode(pipe.encode_images(x))
-    same = pipe.img2img(x, prompts, strength=0.0, progress=False)
-    full = pipe.img2img(x, prompts, strength=1.0, progress=False, seed=7)
-    fresh = pipe.generate(prompts, guidance=g, progress=False, seed=7)
+    recon = pipe.decode(pipe.encode_images(x), MICRO)
+    same = pipe.img2img(x, prompts, strength=0.0, progress=False, micro_batch=MICRO)
+    full = pipe.img2img(x, prompts, strength=1.0, progress=False, seed=7, micro_batch=MICRO)
+    fresh = pipe.generate(prompts, guidance=g, progress=False, seed=7, micro_batch=MICRO)
     f, xf = full.astype(np.float64), x.astype(np.float64)
     own = np.abs(f - xf).mean(axis=(1, 2, 3))
     shifted = np.abs(f - np.roll(xf, 1, axis=0)).mean(axis=(1, 2, 3))
     mask = np.zeros(x.shape[:3], np.float32)
     mask[:, :, :14] = 1
-    filled = pipe.inpaint(x, mask, prompts, progress=False, seed=7)
+    filled = pipe.inpaint(x, mask, prompts, progress=False, seed=7, micro_batch=MICRO)
 
     def mae(a, b, cols):
         return float(np.abs(a[:, :, cols].astype(np.float64) - b[:, :, cols].astype(np.float64)).mean())
@@ -125,7 +128,7 @@ def shapes_bench(pipe: Pipeline, judge_dir: str, n: int) -> dict:
                              f"{ds.meta['heldout']}")
         prompts = [ds.caption(i) for i in range(len(ds))]
         t = time.perf_counter()
-        images = pipe.generate(prompts, guidance=pipe.guidance(), steps=20, progress=False)
+        images = pipe.generate(prompts, guidance=pipe.guidance(), steps=20, progress=False, micro_batch=MICRO)
         secs = time.perf_counter() - t
         labels = {a: ds.labels[a].numpy() for a in ATTRIBUTES}
         acc = judge_accuracy(models, images, labels, np.full(len(ds), split == "train"))
@@ -144,6 +147,8 @@ def main(argv=None) -> int:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--per-class", type=int, default=100)
     p.add_argument("--quick", action="store_true", help="only the preset scale and CFG sweep (no variants)")
+    p.add_argument("--sections", default="cfg,heldout,variants,classifier,edits",
+                   help="comma-separated subset of cfg,heldout,variants,classifier,edits (Fashion-MNIST)")
     p.add_argument("--judge", default=None, help="shapes judge directory (shapes pipelines)")
     p.add_argument("--per-pair-split", type=int, default=1000, help="shapes: samples of seen and of held-out pairs")
     args = p.parse_args(argv)
@@ -169,25 +174,33 @@ def main(argv=None) -> int:
         print(f"{name}: {json.dumps(r)}", file=sys.stderr, flush=True)
         return r
 
-    result["cfg_sweep"] = {str(w): log(f"cfg w={w}", run(pipe, scorer, prompts, labels, guidance=pipe.guidance(w)))
-                           for w in sorted({0.0, 1.0, 2.0, 3.0, 5.0, w0})}
-    held, held_labels = class_prompts(args.per_class, HELDOUT_TEMPLATES, seed=1)
-    result["heldout_templates"] = log("heldout", run(pipe, scorer, held, held_labels, guidance=pipe.guidance(w0)))
-    if not args.quick:
+    sections = set(args.sections.split(",")) - ({"variants", "classifier", "edits"} if args.quick else set())
+    unknown = sections - {"cfg", "heldout", "variants", "classifier", "edits"}
+    if unknown:
+        p.error(f"--sections: unknown {sorted(unknown)}; choose among cfg,heldout,variants,classifier,edits")
+    if "cfg" in sections:
+        result["cfg_sweep"] = {str(w): log(f"cfg w={w}", run(pipe, scorer, prompts, labels, guidance=pipe.guidance(w)))
+                               for w in sorted({0.0, 1.0, 2.0, 3.0, 5.0, w0})}
+    if "heldout" in sections:
+        held, held_labels = class_prompts(args.per_class, HELDOUT_TEMPLATES, seed=1)
+        result["heldout_templates"] = log("heldout", run(pipe, scorer, held, held_labels,
+                                                         guidance=pipe.guidance(w0)))
+    if "variants" in sections:
         variants = {"negative_prompt": dict(negative_prompt="a blurry photo"), "rescale_0.7": dict(rescale=0.7),
                     "interval": dict(interval=(0.3, 5.0)), "apg": dict(mode="apg")}
         result["variants"] = {k: log(k, run(pipe, scorer, prompts, labels, guidance=pipe.guidance(w0, **v)))
                               for k, v in variants.items()}
-        if pipe.classifier is not None:
-            unc = [""] * len(prompts)
-            result["classifier_guidance_w0"] = {
-                str(s): log(f"classifier s={s}", run(pipe, scorer, unc, labels, class_labels=labels,
-                                                     guidance=pipe.guidance(0.0, classifier_scale=s)))
-                for s in (0.0, 1.0, 2.0, 4.0, 8.0, 16.0)}
+    if "classifier" in sections and pipe.classifier is not None:
+        unc = [""] * len(prompts)
+        result["classifier_guidance_w0"] = {
+            str(s): log(f"classifier s={s}", run(pipe, scorer, unc, labels, class_labels=labels,
+                                                 guidance=pipe.guidance(0.0, classifier_scale=s)))
+            for s in (0.0, 1.0, 2.0, 4.0, 8.0, 16.0)}
+    if "edits" in sections:
         result["edits"] = log("edits", edit_checks(pipe, scorer))
     result["loadavg_end"] = os.getloadavg()
     write_json(args.out, result)
-    print(json.dumps({k: result[k] for k in ("cfg_sweep", "heldout_templates")}, indent=1))
+    print(json.dumps({k: result[k] for k in ("cfg_sweep", "heldout_templates") if k in result}, indent=1))
     return 0
 
 

@@ -282,6 +282,29 @@ def test_classifier_guidance_shifts_x0_by_sigma_squared_scale_grad_under_no_grad
     torch.testing.assert_close(classifier_guidance(base, closed, 0.0)(x, sigma), base(x, sigma))
 
 
+def test_classifier_guidance_skips_rows_at_infinite_sigma():
+    """The first step of a flow sampler runs at sigma = inf: that row must stay unguided (and finite), while the
+    other rows get the usual shift; grad_log_p only ever sees finite sigmas."""
+    den, x, sigma, cond, _ = setup(batch=3)
+    base = lambda x, s: torch.nan_to_num(den(x, s.clamp_max(1e4), cond))  # noqa: E731
+    m, v, s = torch.randn(1, C, H, W), 0.7, 2.5
+    closed, _ = gaussian_likelihood(m, v)
+    seen = []
+
+    def grad(x, sig):
+        seen.append(sig.clone())
+        return closed(x, sig)
+    sig = torch.tensor([math.inf, 0.5, 3.0])
+    with torch.no_grad():
+        out = classifier_guidance(base, grad, s)(x, sig)
+        only_inf = classifier_guidance(base, grad, s)(x[:1], sig[:1])
+    assert torch.isfinite(out).all() and all(torch.isfinite(t).all() for t in seen)
+    torch.testing.assert_close(out[0], base(x, sig)[0])
+    torch.testing.assert_close(only_inf, base(x[:1], sig[:1]))
+    expected = base(x, sig)[1:] + sig[1:].view(-1, 1, 1, 1) ** 2 * s * (-(x[1:] - m) / v)
+    torch.testing.assert_close(out[1:], expected, atol=1e-5, rtol=1e-5)
+
+
 def test_classifier_guidance_composes_with_cfg():
     den, x, sigma, cond, uncond = setup(batch=3)
     m, v, s = torch.zeros(1, C, H, W), 1.3, 0.8

@@ -56,17 +56,25 @@ def classifier_guidance(denoise: Denoiser, grad_log_p: GradLogP, scale: float) -
 
     Works inside samplers running under torch.no_grad(): the gradient is computed under torch.enable_grad() and
     detached. Composes with CFG: `classifier_guidance(cfg(denoise, cond, uncond, w), grad_log_p, s)`.
+
+    Rows at sigma = inf (the pure-noise first step of flow / VE samplers, where x holds the noise itself) are left
+    unguided: there x carries no information about y, so grad log p(y | x) is 0 while sigma^2 is infinite, and
+    the product has no finite value to compute. Guidance starts at the first finite noise level.
     """
     def guided(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         sigma = _sigma_vector(sigma, x)
         x0_hat = denoise(x, sigma)
-        if scale == 0:
+        finite = torch.isfinite(sigma)
+        if scale == 0 or not bool(finite.any()):
             return x0_hat
+        idx = finite.nonzero().squeeze(1)
+        xs, ss = x.detach()[idx], sigma.detach()[idx]
         with torch.enable_grad():
-            grad = grad_log_p(x.detach(), sigma.detach())
-        if grad.shape != x.shape:
-            raise ValueError(f"grad_log_p returned shape {tuple(grad.shape)} for x of shape {tuple(x.shape)}")
-        return x0_hat + scale * _per_example(sigma, x) ** 2 * grad.detach().to(x0_hat.dtype)  # Tweedie shift
+            grad = grad_log_p(xs, ss)
+        if grad.shape != xs.shape:
+            raise ValueError(f"grad_log_p returned shape {tuple(grad.shape)} for x of shape {tuple(xs.shape)}")
+        shift = scale * _per_example(ss, xs) ** 2 * grad.detach().to(x0_hat.dtype)  # Tweedie shift
+        return x0_hat.index_add(0, idx, shift)
 
     return guided
 
