@@ -106,3 +106,29 @@ def test_help_lists_every_command(capsys):
     for words in ("train autoencoder", "train clip", "train ldm", "sample", "autoencoder eval", "clip eval", "eval"):
         assert words in text
     assert cli(["trian"]) == 2
+
+
+class _CountingEncoder:
+    """A stand-in text encoder: one row per prompt, its value the prompt's length; counts prompts encoded."""
+
+    def __init__(self):
+        self.encoded = 0
+
+    def encode(self, prompts):
+        self.encoded += len(prompts)
+        return {"context": torch.tensor([[float(len(p))] for p in prompts])}
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_prompt_encoder_cache_overflow_keeps_every_row(batched):
+    """When the cache fills up mid-call, prompts cached before (and in this batch) must still come back: a
+    regression test for a KeyError that stopped the shapes denoiser (captions outnumber the cache)."""
+    from ldmkit.pipeline import PromptEncoder
+    text = _CountingEncoder()
+    enc = PromptEncoder(text, batched=batched, cache_size=4)
+    enc(["a", "bb", "ccc"])
+    out = enc(["a", "dddd", "eeeee"])  # 3 cached + 2 new > 4: the cache restarts with this call's 3 prompts
+    assert out["context"].squeeze(1).tolist() == [1.0, 4.0, 5.0]
+    assert out["drop"].tolist() == [False, False, False]
+    assert len(enc.cache) == 3 and text.encoded == 6
+    assert enc(["", "a"])["drop"].tolist() == [True, False]

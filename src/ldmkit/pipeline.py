@@ -77,10 +77,12 @@ class PromptEncoder:
         self.text_encoder, self.batched, self.cache, self.cache_size = text_encoder, batched, {}, cache_size
 
     def __call__(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
-        missing = list(dict.fromkeys(p for p in prompts if p not in self.cache))
+        unique = list(dict.fromkeys(prompts))
+        missing = [p for p in unique if p not in self.cache]
         if missing:
             if len(self.cache) + len(missing) > self.cache_size:
-                self.cache.clear()
+                self.cache.clear()  # full: start over, and this call's cached prompts must be encoded again too
+                missing = unique
             groups = [missing] if self.batched else [[p] for p in missing]
             for group in groups:
                 enc = self.text_encoder.encode(group)
