@@ -76,7 +76,8 @@ def edit_checks(pipe: Pipeline, scorer: Scorer, n: int = 200) -> dict:
     identical to text-to-image with the same seed, labelled as the prompted class (the input's class + 5 mod 10)
     and no closer to its input than to another test image. Inpainting regenerates the left half (native columns
     0-13) with the prompt of another class; its right half is compared with the original, beside the
-    reconstruction's error on the same columns (all of 14-27, and 18-27, one latent cell away from the seam).
+    reconstruction's error on the same columns (all of 14-27, and 18-27, one latent cell away from the seam),
+    as the decoder returns it (paste_unmasked=False) and with the input's pixels pasted back (the default).
     """
     x, y = scorer.xte[:n], scorer.yte[:n]
     other = (y + 5) % 10
@@ -91,7 +92,8 @@ def edit_checks(pipe: Pipeline, scorer: Scorer, n: int = 200) -> dict:
     shifted = np.abs(f - np.roll(xf, 1, axis=0)).mean(axis=(1, 2, 3))
     mask = np.zeros(x.shape[:3], np.float32)
     mask[:, :, :14] = 1
-    filled = pipe.inpaint(x, mask, prompts, progress=False, seed=7, micro_batch=MICRO)
+    filled = pipe.inpaint(x, mask, prompts, progress=False, seed=7, micro_batch=MICRO, paste_unmasked=False)
+    pasted = pipe.inpaint(x, mask, prompts, progress=False, seed=7, micro_batch=MICRO)
 
     def mae(a, b, cols):
         return float(np.abs(a[:, :, cols].astype(np.float64) - b[:, :, cols].astype(np.float64)).mean())
@@ -112,6 +114,8 @@ def edit_checks(pipe: Pipeline, scorer: Scorer, n: int = 200) -> dict:
         "inpaint_kept_vs_reconstruction_mae": round(mae(filled, recon, right), 3),
         "inpaint_filled_changed_mae": round(mae(filled, recon, slice(0, 14)), 3),
         "inpaint_prompted_class_accuracy": scorer(filled, other)["accuracy"],
+        "inpaint_pasted_kept_mae": round(mae(pasted, x, right), 3),
+        "inpaint_pasted_equals_filled_in_mask": bool(np.array_equal(pasted[:, :, :14], filled[:, :, :14])),
     }
 
 

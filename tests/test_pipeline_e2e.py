@@ -89,10 +89,14 @@ def test_img2img_and_inpaint(tiny_pipeline):
     assert np.abs(full.astype(int) - fresh.astype(int)).mean() < 3.0  # strength 1 ~ an independent sample
     mask = np.zeros((4, 32, 32), np.float32)
     mask[:, :16] = 1  # regenerate the top half
-    out = pipe.inpaint(imgs, mask, ["a blue square"] * 4, steps=4, progress=False)
+    out = pipe.inpaint(imgs, mask, ["a blue square"] * 4, steps=4, progress=False, paste_unmasked=False)
     keep = np.abs(out[:, 20:].astype(int) - recon[:, 20:].astype(int)).mean()
     change = np.abs(out[:, :12].astype(int) - recon[:, :12].astype(int)).mean()
     assert keep < change
+    pasted = pipe.inpaint(imgs, mask, ["a blue square"] * 4, steps=4, progress=False)  # default: paste back
+    assert np.array_equal(pasted[:, 16:], imgs[:, 16:]) and np.array_equal(pasted[:, :16], out[:, :16])
+    with pytest.raises(ValueError, match="mask has shape"):
+        pipe.inpaint(imgs, mask[:, :8], ["a blue square"] * 4, steps=4, progress=False)
 
 
 def test_classifier_guidance_needs_a_class(tiny_pipeline, tmp_path):
@@ -132,3 +136,37 @@ def test_prompt_encoder_cache_overflow_keeps_every_row(batched):
     assert out["drop"].tolist() == [False, False, False]
     assert len(enc.cache) == 3 and text.encoded == 6
     assert enc(["", "a"])["drop"].tolist() == [True, False]
+
+
+class _TwoPartEncoder:
+    """Token states that depend on the whole prompt, a pooled vector that depends only on its last word."""
+
+    def encode(self, prompts):
+        seeds = [len(p) * 31 + ord((p or " ")[0]) for p in prompts]
+        ctx = torch.stack([torch.randn(5, 8, generator=torch.Generator().manual_seed(s)) for s in seeds])
+        pooled = torch.stack([torch.full((6,), float(len((p.split() or [''])[-1]))) for p in prompts])
+        return {"context": ctx, "context_mask": torch.ones(len(prompts), 5, dtype=torch.bool), "pooled": pooled}
+
+
+def test_pooled_only_conditioning_ignores_the_tokens():
+    """text_tokens=False: two prompts with the same pooled vector but different token states get the same
+    denoiser output; with tokens they do not. The null condition ("") still differs from both."""
+    import dataclasses
+    from ldmkit.diffusion.unet import PRESETS, UNet
+    from ldmkit.pipeline import PromptEncoder
+    torch.manual_seed(0)
+    net = UNet(dataclasses.replace(PRESETS["tiny"], context_dim=8, pooled_dim=6)).eval()
+    with torch.no_grad():
+        for prm in net.parameters():
+            prm.add_(torch.randn_like(prm) * 0.1)  # zero-initialised output layers would hide the conditioning
+    x, t = torch.randn(1, 4, 8, 8).expand(3, -1, -1, -1), torch.full((3,), 0.5)
+    prompts = ["a photo of a bag", "here is one bag", ""]
+    outs = {}
+    for tokens in (True, False):
+        cond = PromptEncoder(_TwoPartEncoder(), tokens=tokens)(prompts)
+        assert tokens or (cond["context"].shape == (3, 1, 8) and "context_mask" not in cond)
+        with torch.no_grad():
+            outs[tokens] = net(x, t, **cond)
+    assert not torch.allclose(outs[True][0], outs[True][1], atol=1e-4)
+    torch.testing.assert_close(outs[False][0], outs[False][1])
+    assert not torch.allclose(outs[False][0], outs[False][2], atol=1e-4)

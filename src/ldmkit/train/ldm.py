@@ -56,6 +56,7 @@ class LDMConfig:
         log_every=100, sample_every=2000))
     sample: SampleDefaults = field(default_factory=SampleDefaults)
     latent_sample: bool = True        # draw z from the posterior each step (False: use its mean)
+    text_tokens: bool = True          # cross-attend to the text tokens; False: the pooled text vector only
     conditioning: Conditioning = field(default_factory=Conditioning)
 
 
@@ -121,7 +122,7 @@ def train(cfg: LDMConfig, out, spec: str, ds, ae_dir: str, text_spec: str, resum
     net = common.wrap_ddp(model, run.device)
     opt = common.make_adamw(model.parameters(), tc)
     start = run.restore({"model": model, "ema": ema}, {"opt": opt})
-    encode = PromptEncoder(text)
+    encode = PromptEncoder(text, tokens=cfg.text_tokens)
     prompts_grid = grid_prompts(ds)
     step, loss = start, torch.zeros(())
     for step in run.steps(start, tc.steps):
