@@ -64,7 +64,10 @@ PRESETS = {
     "tiny": LDMConfig(unet=UNET_PRESETS["tiny"], dit=DIT_PRESETS["tiny"],
                       train=TrainConfig(steps=30, batch_size=16, lr=1e-3, warmup_steps=5, ema_halflife_steps=5,
                                         log_every=10, ckpt_every=15), sample=SampleDefaults(steps=4)),
-    "fashion-mnist": LDMConfig(unet=UNET_PRESETS["fashion-mnist"], dit=DIT_PRESETS["fashion-mnist"]),
+    # pooled CLIP vector only: with cross-attention to the tokens, held-out prompt wordings were read right 91.5% of
+    # the time (w = 3, 1,000 images); pooled-only 99.6% (training wordings 99.2% -> 99.5%, recall 0.59 -> 0.56)
+    "fashion-mnist": LDMConfig(unet=UNET_PRESETS["fashion-mnist"], dit=DIT_PRESETS["fashion-mnist"],
+                               text_tokens=False),
     "fashion-mnist-dit": LDMConfig(backbone="dit", unet=UNET_PRESETS["fashion-mnist"],
                                    dit=DIT_PRESETS["fashion-mnist"]),
     "shapes": LDMConfig(unet=UNET_PRESETS["shapes"], dit=DIT_PRESETS["fashion-mnist"]),
