@@ -183,8 +183,9 @@ def main(argv=None) -> int:
     if unknown:
         p.error(f"--sections: unknown {sorted(unknown)}; choose among cfg,heldout,variants,classifier,edits")
     if "cfg" in sections:
-        result["cfg_sweep"] = {str(w): log(f"cfg w={w}", run(pipe, scorer, prompts, labels, guidance=pipe.guidance(w)))
-                               for w in sorted({0.0, 1.0, 2.0, 3.0, 5.0, w0})}
+        result["cfg_sweep"] = {
+            str(w): log(f"cfg w={w}", run(pipe, scorer, prompts, labels, guidance=pipe.guidance(w)))
+            for w in sorted({0.0, 1.0, 2.0, 3.0, 5.0, w0})}
     if "heldout" in sections:
         held, held_labels = class_prompts(args.per_class, HELDOUT_TEMPLATES, seed=1)
         result["heldout_templates"] = log("heldout", run(pipe, scorer, held, held_labels,

@@ -90,17 +90,16 @@ class PromptEncoder:
             groups = [missing] if self.batched else [[p] for p in missing]
             for group in groups:
                 enc = self.text_encoder.encode(group)
+                if not self.tokens:  # cache only what reaches the denoiser: pooled + one zero context token
+                    if "pooled" not in enc:
+                        raise ValueError("tokens=False conditions on the pooled text vector, but this text encoder "
+                                         "gives none; use a CLIP text tower or keep text_tokens=true")
+                    ctx = enc["context"]
+                    enc = {"context": ctx.new_zeros(ctx.shape[0], 1, ctx.shape[-1]), "pooled": enc["pooled"]}
                 for i, p in enumerate(group):
                     self.cache[p] = {k: v[i] for k, v in enc.items()}
         rows = [self.cache[p] for p in prompts]
         cond = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
-        if not self.tokens:
-            if "pooled" not in cond:
-                raise ValueError("tokens=False conditions on the pooled text vector, but this text encoder gives "
-                                 "none; use a CLIP text tower or keep text_tokens=true")
-            ctx = cond.pop("context")
-            cond.pop("context_mask", None)
-            cond["context"] = ctx.new_zeros(ctx.shape[0], 1, ctx.shape[-1])  # (B, 1, Dc)
         cond["drop"] = torch.tensor([p == "" for p in prompts], dtype=torch.bool)
         return cond
 
