@@ -131,6 +131,7 @@ def test_eval_on_a_pipeline_dir_writes_json_and_npz(fashion_run, tmp_path):
     res = read_json(pipe / "autoencoder" / "eval.json")
     keys = {"psnr", "ssim", "lpips", "latent_mean", "latent_std", "kl_per_channel", "lpips_backbone",
             "eval_classifier_acc_orig", "eval_classifier_acc_recon", "eval_classifier_sha256"}
+    keys |= {"psnr_sample"}
     assert keys <= set(res) and res["n"] == 10000 and res["lpips_backbone"]["kind"] == "featnet"
     assert (pipe / "autoencoder" / "eval_recon.png").exists()
     recon = np.load(npz, allow_pickle=False)["images"]
@@ -150,6 +151,30 @@ def test_eval_on_a_pipeline_dir_writes_json_and_npz(fashion_run, tmp_path):
             kl = kl + torch.distributions.kl_divergence(q, torch.distributions.Normal(0.0, 1.0)).sum((0, 2, 3))
     np.testing.assert_allclose(res["kl_per_channel"], (kl / len(test)).numpy(), rtol=1e-6)
     assert 0 <= res["eval_classifier_acc_orig"] <= 1 and 0 <= res["eval_classifier_acc_recon"] <= 1
+
+
+def test_reconstruct_sample_decodes_follow_the_posterior_std():
+    """Sample decodes equal mode decodes when the posterior is a point mass and differ when it is wide."""
+    from ldmkit.autoencoder import PRESETS as AE_PRESETS, AutoencoderKL
+    from ldmkit.autoencoder.posterior import DiagonalGaussian
+    from ldmkit.data import load_dataset
+    from ldmkit.eval.autoencoder_eval import reconstruct
+    torch.manual_seed(0)
+    ae = AutoencoderKL(AE_PRESETS["tiny"]).eval()
+    images = load_dataset("shapes", split="test", num=6).images[:, :1]
+    encode = ae.encode
+    for logvar, same in ((-30.0, True), (4.0, False)):
+        def fixed(x, logvar=logvar):
+            mean = encode(x).mean
+            return DiagonalGaussian(torch.cat([mean, torch.full_like(mean, logvar)], 1))
+        ae.encode = fixed
+        sampled = []
+        recon, _ = reconstruct(ae, images, batch_size=4, samples=sampled)
+        diff = (recon.int() - torch.cat(sampled).int()).abs().float()
+        if same:  # std 3e-7: at most a rounding flip
+            assert diff.max() <= 1
+        else:
+            assert diff.mean() > 2
 
 
 def test_posterior_cache_is_reused_only_for_the_same_weights(tmp_path, monkeypatch):
