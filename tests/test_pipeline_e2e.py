@@ -51,6 +51,20 @@ def test_sample_npz_contract_and_determinism(tiny_pipeline, tmp_path):
     assert float(a["guidance"]) == 3.0 and str(a["sampler"]) == "dpmpp-2m" and int(a["steps"]) == 3
 
 
+def test_bf16_sampling_is_deterministic_and_close_to_fp32(tiny_pipeline, tmp_path):
+    from ldmkit.nn import bf16_is_fast
+    args = ["--prompt", "a red circle", "--num", "4", "--seed", "3", "--steps", "3"]
+    ref = sample(tiny_pipeline, tmp_path, "f.npz", *args)["images"].astype(int)
+    a = sample(tiny_pipeline, tmp_path, "a.npz", *args, "--precision", "bf16")["images"].astype(int)
+    b = sample(tiny_pipeline, tmp_path, "b.npz", *args, "--precision", "bf16")["images"].astype(int)
+    assert np.array_equal(a, b)
+    if not bf16_is_fast("cpu"):  # no native bf16 here: the option falls back to fp32 exactly
+        assert np.array_equal(a, ref)
+        return
+    assert not np.array_equal(a, ref)  # bf16 really ran
+    assert np.abs(a - ref).mean() < 4  # grey levels: same images up to bf16 rounding
+
+
 def test_guidance_options_reach_the_sampler(tiny_pipeline, tmp_path):
     base = ["--prompt", "a red circle", "--num", "2", "--steps", "3"]
     plain = sample(tiny_pipeline, tmp_path, "p.npz", *base)["images"]

@@ -21,6 +21,25 @@ def bf16_is_fast(device: torch.device | str = "cpu") -> bool:
     return False
 
 
+PRECISIONS = ("fp32", "bf16")
+
+
+def in_precision(fn, precision: str, device: torch.device | str = "cpu"):
+    """`fn` run under bf16 autocast when `precision` is "bf16" and the device computes bf16 natively (else as is),
+    its tensor output returned in float32: the sampler's state and arithmetic stay fp32, only the network is bf16."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r}; use one of {PRECISIONS}")
+    if precision == "fp32" or not bf16_is_fast(device):
+        return fn
+    kind = torch.device(device).type
+
+    def run(*args, **kwargs):
+        with torch.autocast(kind, dtype=torch.bfloat16):
+            out = fn(*args, **kwargs)
+        return out.float()
+    return run
+
+
 def zero_module(module: nn.Module) -> nn.Module:
     """Zero every parameter of `module` in place and return it (residual branches start as the identity)."""
     for p in module.parameters():

@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--micro-batch", type=int, default=16, help="rows per network call: 64 is faster for many "
                    "images, 16 for a few; images do not change with --num or --batch-size at a given --micro-batch")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: denoiser and decoder "
+                   "under bf16 autocast where the CPU/GPU has bf16 arithmetic (faster; images differ slightly)")
     p.add_argument("--negative-prompt", default=None, help="replaces the unconditional prediction")
     p.add_argument("--classifier-scale", type=float, default=0.0, help="classifier guidance strength s")
     p.add_argument("--class-label", type=int, default=None, help="class for classifier guidance (needed with '')")
@@ -100,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
                   guidance_interval=args.guidance_interval, classifier_scale=args.classifier_scale,
                   class_label=args.class_label, apg=APGConfig(args.apg_eta, args.apg_momentum, args.apg_threshold),
                   steps=steps, sampler=sampler, seed=args.seed,
-                  batch_size=args.batch_size, micro_batch=args.micro_batch, progress=not args.no_progress)
+                  batch_size=args.batch_size, micro_batch=args.micro_batch, precision=args.precision,
+                  progress=not args.no_progress)
     rows = [p for p in args.prompt for _ in range(args.num)]
     labels = labels_for(rows)
     if args.class_label is not None:  # the class the images were guided toward
