@@ -1,8 +1,11 @@
 """Sampling speed to an accuracy bar: ldmkit's pipeline against a diffusers pipeline around the same weights.
 
     .venv/bin/python benchmarks/bench_sampling_speed.py PIPELINE_DIR [--per-class 50] [--bar 0.95]
-        [--ldmkit dpmpp-2m:6,dpmpp-2m:8,...] [--diffusers dpmpp-2m:8,euler:20,...]
+        [--ldmkit dpmpp-2m:6,dpmpp-2m:4:g0.5-3:bf16,...] [--diffusers dpmpp-2m:8,euler:20:bf16,...]
         [--out benchmarks/results/sampling_speed.json]
+
+A configuration is SAMPLER:STEPS, optionally followed by `:bf16` (the networks under bf16 autocast, on either side)
+and, for ldmkit, `:gLO-HI` (guidance interval: the unconditional branch runs only for LO < sigma <= HI).
 
 Both sides draw the same images: prompts "a photo of a {class}" (`--per-class` per class), the pipeline's
 guidance scale, image i starting from the same noise (seeded by (0, i)), the same frozen text encoder, denoiser
@@ -35,6 +38,7 @@ from bench_pipeline import Scorer, class_prompts  # noqa: E402
 
 from ldmkit.checkpoint import provenance, write_json  # noqa: E402
 from ldmkit.diffusion.samplers import example_generators, randn  # noqa: E402
+from ldmkit.nn import in_precision  # noqa: E402
 from ldmkit.pipeline import Pipeline  # noqa: E402
 
 
@@ -58,11 +62,13 @@ def diffusers_scheduler(name: str):
 
 @torch.no_grad()
 def diffusers_generate(pipe: Pipeline, vae, sampler: str, steps: int, prompts: list[str], w: float,
-                       batch_size: int = 64) -> np.ndarray:
+                       batch_size: int = 64, precision: str = "fp32") -> np.ndarray:
     """A diffusers pipeline's loop around the pipeline's weights -> uint8 (N, H, W, C) at the native size."""
     if pipe.objective.kind != "flow":
         raise SystemExit(f"this benchmark drives flow-matching denoisers; {pipe.root} predicts {pipe.objective.kind}")
     out = []
+    backbone = in_precision(pipe.backbone, precision)
+    decode = in_precision(lambda z: vae.decode(z).sample, precision)
     for b in range(0, len(prompts), batch_size):
         rows = prompts[b:b + batch_size]
         n = len(rows)
@@ -76,23 +82,34 @@ def diffusers_generate(pipe: Pipeline, vae, sampler: str, steps: int, prompts: l
             x = torch.cat([lat, lat])
             if hasattr(sched, "scale_model_input"):
                 x = sched.scale_model_input(x, t)
-            v = pipe.backbone(x, t.float().expand(2 * n), **both)
+            v = backbone(x, t.float().expand(2 * n), **both)
             u, c = v.chunk(2)
             lat = sched.step(u + w * (c - u), t, lat).prev_sample
-        img = vae.decode(lat / pipe.scale_factor + pipe.shift_factor).sample
+        img = decode(lat / pipe.scale_factor + pipe.shift_factor)
         top, left, h, wd = pipe.crop_box
         img = img[:, :, top:top + h, left:left + wd]
         out.append(((img.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
     return np.concatenate(out)
 
 
-def parse_configs(text: str) -> list[tuple[str, int]]:
+def parse_configs(text: str, interval_ok: bool = True) -> list[dict]:
+    """SAMPLER:STEPS[:bf16][:gLO-HI],... -> [{sampler, steps, dtype, interval}]."""
     out = []
     for item in text.split(","):
-        name, _, steps = item.partition(":")
+        name, steps, *opts = item.split(":")
         if not steps.isdigit():
-            raise SystemExit(f"configuration {item!r}: write SAMPLER:STEPS, e.g. dpmpp-2m:8")
-        out.append((name, int(steps)))
+            raise SystemExit(f"configuration {item!r}: write SAMPLER:STEPS[:bf16][:gLO-HI], e.g. dpmpp-2m:8")
+        cfg = {"sampler": name, "steps": int(steps), "dtype": "fp32", "interval": None}
+        for opt in opts:
+            if opt == "bf16":
+                cfg["dtype"] = "bf16"
+            elif opt.startswith("g") and interval_ok:
+                lo, _, hi = opt[1:].partition("-")
+                cfg["interval"] = (float(lo), float(hi))
+            else:
+                raise SystemExit(f"configuration {item!r}: unknown option {opt!r} (bf16"
+                                 f"{', gLO-HI' if interval_ok else ''})")
+        out.append(cfg)
     return out
 
 
@@ -122,26 +139,27 @@ def main(argv: list[str] | None = None) -> int:
               "bar": args.bar, "micro_batch": args.micro_batch, "threads": torch.get_num_threads(), "loadavg_start": os.getloadavg(),
               **provenance(), "ldmkit": [], "diffusers": []}
 
-    def timed(side, name, steps, fn):
+    def timed(side, cfg, fn):
         pipe.encode.cache.clear()  # each configuration pays for its text encoding
         t = time.perf_counter()
         images = fn()
         secs = time.perf_counter() - t
         s = scorer(images, labels)
-        row = {"sampler": name, "steps": steps, "seconds": round(secs, 2), "img_per_s": round(len(prompts) / secs, 2),
+        row = {**cfg, "seconds": round(secs, 2), "img_per_s": round(len(prompts) / secs, 2),
                **{k: s[k] for k in ("accuracy", "fd", "fd_floor", "precision", "recall")}}
-        print(f"[{side}] {name}:{steps} {json.dumps(row)}", file=sys.stderr, flush=True)
+        print(f"[{side}] {json.dumps(row)}", file=sys.stderr, flush=True)
         result[side].append(row)
 
     warm = prompts[:8]  # first calls pay one-time costs (allocator, thread pool, lazy imports): not timed
     pipe.generate(warm, guidance=pipe.guidance(w), steps=2, progress=False)
     diffusers_generate(pipe, vae, "euler", 2, warm, w)
-    for name, steps in parse_configs(args.ldmkit):
-        timed("ldmkit", name, steps, lambda: pipe.generate(prompts, guidance=pipe.guidance(w), steps=steps,
-                                                           sampler=name, progress=False,
-                                                           micro_batch=args.micro_batch))
-    for name, steps in parse_configs(args.diffusers):
-        timed("diffusers", name, steps, lambda: diffusers_generate(pipe, vae, name, steps, prompts, w))
+    for c in parse_configs(args.ldmkit):
+        timed("ldmkit", c, lambda: pipe.generate(prompts, guidance=pipe.guidance(w, interval=c["interval"]),
+                                                 steps=c["steps"], sampler=c["sampler"], progress=False,
+                                                 micro_batch=args.micro_batch, precision=c["dtype"]))
+    for c in parse_configs(args.diffusers, interval_ok=False):
+        timed("diffusers", c, lambda: diffusers_generate(pipe, vae, c["sampler"], c["steps"], prompts, w,
+                                                         precision=c["dtype"]))
     best = {side: fastest_at_bar(result[side], args.bar) for side in ("ldmkit", "diffusers")}
     result["fastest_at_bar"] = best
     result["speedup_at_bar"] = (best["ldmkit"]["img_per_s"] / best["diffusers"]["img_per_s"]

@@ -90,10 +90,16 @@ PRESETS = {
         model=dataclasses.replace(AE_PRESETS["fashion-mnist"], **_WIDTHS),
         loss=dataclasses.replace(LOSS_PRESETS["fashion-mnist"], **_GAN),
         train=_train(**_FASHION_TRAIN), disc_warmup_steps=1200, **_FINAL),
+    # Shapes: 32x32 -> 16x16x4 (factor 2), L2, lr 1e-3. A shape is 6-12 pixels wide: at factor 4 the Fashion-MNIST
+    # recipe (L1 or L2, 3,000 steps in 12 minutes) reconstructed the backgrounds and drew every shape as a faint
+    # blob of the wrong colour (test PSNR 22.9 dB, nearly all of it background). In 300 plain L2 steps (batch 16,
+    # lr 1e-3) the foreground error (mean |x - x_hat| over shape pixels, [-1, 1] scale) fell to 0.49 at factor 4
+    # and 0.27 at factor 2, which reached 0.11 by step 1,000. L2 rather than L1: the L1 gradient has the same size
+    # at every pixel, so ~3,000 nearly right background pixels outvote the ~150 wrong shape pixels.
     "shapes": AutoencoderStage(
-        model=dataclasses.replace(AE_PRESETS["shapes"], **_WIDTHS),
-        loss=dataclasses.replace(LOSS_PRESETS["shapes"], **_GAN),
-        train=_train(**_FASHION_TRAIN), disc_warmup_steps=1200, **_FINAL),
+        model=dataclasses.replace(AE_PRESETS["shapes"], block_out_channels=(32, 64)),
+        loss=dataclasses.replace(LOSS_PRESETS["shapes"], rec="l2", **_GAN),
+        train=_train(**{**_FASHION_TRAIN, "lr": 1e-3}), disc_warmup_steps=1200, **_FINAL),
 }
 
 
