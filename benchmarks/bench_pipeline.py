@@ -174,8 +174,12 @@ def main(argv=None) -> int:
     result = {"pipeline": str(root), "eval_classifier_sha256": scorer.sha, "sampler": pipe.defaults["sampler"],
               "steps": 20, "preset_guidance": w0, "loadavg_start": os.getloadavg(), **provenance()}
 
+    rows: dict = {}
+
     def log(name, r):
         print(f"{name}: {json.dumps(r)}", file=sys.stderr, flush=True)
+        rows[name] = r
+        write_json(args.out, {**result, "partial": True, "rows": rows})  # a stopped run keeps what it measured
         return r
 
     sections = set(args.sections.split(",")) - ({"variants", "classifier", "edits"} if args.quick else set())
