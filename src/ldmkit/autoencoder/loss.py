@@ -202,11 +202,11 @@ PRESETS = {
     "tiny": LossConfig(perceptual_weight=0.1, featnet_steps=20, disc_start=5, discriminator=DISC_PRESETS["tiny"]),
     "fashion-mnist": LossConfig(perceptual_weight=0.1, disc_start=2000,
                                 discriminator=DISC_PRESETS["fashion-mnist"]),
-    # Shapes: kl_weight 1e-6 (the Fashion-MNIST value) let one latent channel's mean grow to ~80 (KL 2e5 nats,
-    # latent std 40): one scale factor then shrinks the other channels ~40x in the denoiser's space, and the decoder,
-    # trained on posterior samples only, decoded the mean badly on gray backgrounds (8.5 dB against 23.4 dB for a
-    # sample). 1e-4 prices 2e5 nats at 20, against a per-image L1 sum of ~100, and leaves a few thousand nats free.
-    "shapes": LossConfig(perceptual_weight=0.1, kl_weight=1e-4, disc_start=2000,
+    # Shapes: L2 (see the training preset) and kl_weight 1e-4. At 1e-6 (the Fashion-MNIST value) one latent
+    # channel's mean grew to ~80 (KL 2e5 nats, latent std 40): one scale factor then shrinks the other channels ~40x
+    # in the denoiser's space, and the decoder, trained on posterior samples only, decoded the mean badly (8.5 dB
+    # against 23.4 dB for a sample). 1e-4 prices 2e5 nats at 20 and leaves a few thousand nats nearly free.
+    "shapes": LossConfig(rec="l2", perceptual_weight=0.1, kl_weight=1e-4, disc_start=2000,
                          discriminator=DISC_PRESETS["shapes"]),
     "sd": LossConfig(perceptual="vgg16", discriminator=DISC_PRESETS["sd"]),  # set vgg16_path (+ heads)
 }

@@ -284,7 +284,7 @@ PRESETS = {
     # Fashion-MNIST padded to 32x32 -> 8x8x4 (factor 4), 1.69M params; (32, 64, 128) is 2.7M, (32, 64, 64) 0.95M
     "fashion-mnist": AutoencoderConfig(in_channels=1, out_channels=1, block_out_channels=(32, 64, 96),
                                        layers_per_block=1, latent_channels=4, norm_groups=16),
-    # captioned shapes, RGB 32x32 -> 8x8x4 (the shapes training preset uses two levels: 16x16x4)
+    # captioned shapes, RGB 32x32 -> 8x8x4
     "shapes": AutoencoderConfig(in_channels=3, out_channels=3, block_out_channels=(32, 64, 96),
                                 layers_per_block=1, latent_channels=4, norm_groups=16),
     # the Stable Diffusion v1/v2 VAE layout (83.7M params), factor 8
