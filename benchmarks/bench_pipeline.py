@@ -6,13 +6,14 @@
 Fashion-MNIST, with the pipeline's default sampler and 20 steps: accuracy / FD / precision / recall of 1,000 images
 (100 per class, "a photo of a {class}") for CFG scales 0, 1, 2, 3, 5 and the preset's scale; the same with the
 held-out templates and paraphrases; classifier guidance on the unconditional path (w = 0) against classifier scale;
-each guidance variant at the preset scale; image-to-image and inpainting checks on real test images; and images
+each guidance variant at the preset scale (on plain CFG, beside plain CFG and rescale 0.7); image-to-image and inpainting checks on real test images; and images
 per second at 20 steps with CFG. Every figure sits beside the real-image floor and the evaluation classifier's
 weight hash, with the machine's load average.
 
 Shapes (the pipeline's data is "shapes"): 1,000 canonical captions of scenes whose shape-colour pair was seen in
 training and 1,000 of held-out pairs, sampled at the preset's guidance; the shapes judge (`ldmkit train
-shapes-judge`, trained on generated scenes only) reads shape, colour and position of every sample.
+shapes-judge`, trained on generated scenes only) reads shape, colour and position of every sample, and of the
+pipeline autoencoder's reconstructions of the same scenes (the ceiling the latent space sets).
 """
 
 from __future__ import annotations
@@ -141,6 +142,14 @@ def shapes_bench(pipe: Pipeline, judge_dir: str, n: int) -> dict:
         out[key].update(n=len(ds), seconds=round(secs, 1), img_per_s=round(len(ds) / secs, 2),
                         example_prompt=prompts[0])
         print(f"{key}: {json.dumps(out[key])}", file=sys.stderr, flush=True)
+        # the ceiling the latent space sets: the judge reading the pipeline autoencoder's reconstructions of the
+        # same scenes (posterior mode); samples rarely read better than reconstructions
+        real = ds.images.permute(0, 2, 3, 1).numpy()
+        recon = pipe.decode(pipe.encode_images(real))
+        racc = judge_accuracy(models, recon, labels, np.full(len(ds), split == "train"))
+        out[key + "_autoencoder_reconstructions"] = {a: round(v["all"], 4) for a, v in racc.items()}
+        print(f"{key} reconstructions: {json.dumps(out[key + '_autoencoder_reconstructions'])}", file=sys.stderr,
+              flush=True)
     return out
 
 
@@ -172,7 +181,8 @@ def main(argv=None) -> int:
     w0 = float(pipe.defaults["guidance"])
     prompts, labels = class_prompts(args.per_class, None)
     result = {"pipeline": str(root), "eval_classifier_sha256": scorer.sha, "sampler": pipe.defaults["sampler"],
-              "steps": 20, "preset_guidance": w0, "loadavg_start": os.getloadavg(), **provenance()}
+              "steps": 20, "preset_guidance": w0,
+              "preset_guidance_rescale": pipe.guidance(w0).rescale, "loadavg_start": os.getloadavg(), **provenance()}
 
     rows: dict = {}
 
@@ -195,8 +205,10 @@ def main(argv=None) -> int:
         result["heldout_templates"] = log("heldout", run(pipe, scorer, held, held_labels,
                                                          guidance=pipe.guidance(w0)))
     if "variants" in sections:
-        variants = {"negative_prompt": dict(negative_prompt="a blurry photo"), "rescale_0.7": dict(rescale=0.7),
-                    "interval": dict(interval=(0.3, 5.0)), "apg": dict(mode="apg")}
+        # each variant on plain CFG (rescale 0) beside plain CFG itself, whatever the pipeline's default phi
+        variants = {"plain_cfg": dict(rescale=0.0), "negative_prompt": dict(negative_prompt="a blurry photo", rescale=0.0),
+                    "rescale_0.7": dict(rescale=0.7), "interval": dict(interval=(0.3, 5.0), rescale=0.0),
+                    "apg": dict(mode="apg", rescale=0.0)}
         result["variants"] = {k: log(k, run(pipe, scorer, prompts, labels, guidance=pipe.guidance(w0, **v)))
                               for k, v in variants.items()}
     if "classifier" in sections and pipe.classifier is not None:

@@ -76,6 +76,40 @@ def test_guidance_options_reach_the_sampler(tiny_pipeline, tmp_path):
     assert sample(tiny_pipeline, tmp_path, "g.png", *base).stat().st_size > 0
 
 
+def test_pipeline_default_guidance_rescale(tiny_pipeline, tmp_path):
+    """pipeline.json's guidance_rescale is the default phi at scales above 1; an explicit phi wins."""
+    from ldmkit.pipeline import Pipeline
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_pipeline, copy)
+    spec = json.loads((copy / "pipeline.json").read_text())
+    assert spec["defaults"]["guidance_rescale"] == 0.0  # the tiny preset keeps plain CFG
+    spec["defaults"]["guidance_rescale"] = 0.7
+    (copy / "pipeline.json").write_text(json.dumps(spec))
+    pipe = Pipeline.load(copy)
+    assert pipe.guidance().rescale == 0.7 and pipe.guidance(1.0).rescale == 0.0 and pipe.guidance(0.0).rescale == 0.0
+    assert pipe.guidance(3.0, rescale=0.0).rescale == 0.0
+    base = ["--prompt", "a red circle", "--num", "2", "--steps", "3"]
+    dflt = sample(copy, tmp_path, "d.npz", *base)
+    given = sample(tiny_pipeline, tmp_path, "r.npz", *base, "--guidance-rescale", "0.7")
+    plain = sample(copy, tmp_path, "p.npz", *base, "--guidance-rescale", "0")
+    assert float(dflt["guidance_rescale"]) == 0.7 and float(plain["guidance_rescale"]) == 0.0
+    assert np.array_equal(dflt["images"], given["images"]) and not np.array_equal(dflt["images"], plain["images"])
+    ref = sample(tiny_pipeline, tmp_path, "q.npz", *base)
+    assert np.array_equal(plain["images"], ref["images"])
+
+
+def test_denoiser_takes_the_autoencoder_latent_channels(tmp_path):
+    """A 2-channel autoencoder gets a 2-channel denoiser without a denoiser override, and the pipeline samples."""
+    out = tmp_path / "two"
+    assert cli(["train", "pipeline", "--preset", "tiny", "--out", str(out), "--no-progress",
+                "--set", "autoencoder:model.latent_channels=2"]) == 0
+    cfg = json.loads((out / "denoiser" / "config.json").read_text())
+    assert cfg["unet"]["in_channels"] == cfg["unet"]["out_channels"] == 2 == cfg["dit"]["in_channels"]
+    assert json.loads((out / "pipeline.json").read_text())["latent"]["shape"] == [2, 8, 8]
+    images = sample(out, tmp_path, "s.npz", "--prompt", "a red circle", "--num", "2", "--steps", "2")["images"]
+    assert images.shape == (2, 32, 32, 3)
+
+
 def test_swapped_stage_fails_loudly(tiny_pipeline, tmp_path):
     from ldmkit.pipeline import Pipeline
     copy = tmp_path / "copy"

@@ -216,7 +216,12 @@ class Pipeline:
 
     # ------------------------------------------------------------------ sampling
     def guidance(self, guidance=None, **kw) -> Guidance:
+        """Guidance settings; the scale and the rescale phi default to the pipeline's (pipeline.json `defaults`).
+        The default phi corrects over-guidance, so it applies only at scales above 1 (at w <= 1 the model is not
+        pushed past its conditional prediction); a phi passed explicitly applies as given."""
         scale = self.defaults["guidance"] if guidance is None else guidance
+        if kw.get("rescale") is None:
+            kw["rescale"] = float(self.defaults.get("guidance_rescale", 0.0)) if scale > 1 else 0.0
         return Guidance(scale=float(scale), **kw)
 
     def generate(self, prompts: Sequence[str], *, guidance: Guidance, steps: int | None = None,
@@ -253,10 +258,11 @@ class Pipeline:
         return np.concatenate(out)
 
     def __call__(self, prompts: Sequence[str] | str, num: int = 1, *, negative_prompt: str | None = None,
-                 guidance: float | None = None, guidance_mode: str = "cfg", guidance_rescale: float = 0.0,
+                 guidance: float | None = None, guidance_mode: str = "cfg", guidance_rescale: float | None = None,
                  guidance_interval: tuple[float, float] | None = None, classifier_scale: float = 0.0,
                  class_label: int | None = None, apg: APGConfig | None = None, **kw) -> np.ndarray:
-        """`num` images per prompt, rows prompt by prompt -> uint8 (N, H, W, C) at the dataset's native size."""
+        """`num` images per prompt, rows prompt by prompt -> uint8 (N, H, W, C) at the dataset's native size.
+        `guidance` and `guidance_rescale` left as None take the pipeline's defaults."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         rows = [p for p in prompts for _ in range(num)]
         g = self.guidance(guidance, mode=guidance_mode, rescale=guidance_rescale, interval=guidance_interval,

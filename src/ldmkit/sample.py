@@ -2,7 +2,7 @@
 
 `--num` is images per prompt; rows go prompt by prompt. The npz holds `images` (uint8 N x H x W x C at the
 dataset's native size), `prompts` (numpy unicode), `labels` (int64: the class a prompt names, else -1) and the
-scalars `guidance`, `sampler`, `steps`, `seed`. Image i is seeded from (seed, i): the same command writes the same
+scalars `guidance`, `sampler`, `steps`, `seed` and `guidance_rescale` (the phi used). Image i is seeded from (seed, i): the same command writes the same
 file, and an image does not change with `--num` or `--batch-size`. An empty prompt means unconditional.
 """
 
@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class-label", type=int, default=None, help="class for classifier guidance (needed with '')")
     p.add_argument("--guidance-interval", type=parse_interval, default=None, metavar="LO,HI",
                    help="guide only for sigma in (LO, HI]")
-    p.add_argument("--guidance-rescale", type=float, default=0.0, metavar="PHI", help="guidance rescale phi")
+    p.add_argument("--guidance-rescale", type=float, default=None, metavar="PHI", help="guidance rescale phi "
+                   "(0 = plain CFG); default: the pipeline's")
     p.add_argument("--guidance-mode", choices=["cfg", "apg"], default="cfg")
     p.add_argument("--apg-eta", type=float, default=0.0, help="APG: weight of the update parallel to D_c")
     p.add_argument("--apg-momentum", type=float, default=-0.5, help="APG: momentum beta (negative)")
@@ -97,8 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     guidance = pipe.defaults["guidance"] if args.guidance is None else args.guidance
     sampler = args.sampler or pipe.defaults["sampler"]
     steps = args.steps or pipe.defaults["steps"]
+    rescale = pipe.guidance(guidance, rescale=args.guidance_rescale).rescale  # the pipeline's phi unless given
     images = pipe(args.prompt, args.num, negative_prompt=args.negative_prompt, guidance=guidance,
-                  guidance_mode=args.guidance_mode, guidance_rescale=args.guidance_rescale,
+                  guidance_mode=args.guidance_mode, guidance_rescale=rescale,
                   guidance_interval=args.guidance_interval, classifier_scale=args.classifier_scale,
                   class_label=args.class_label, apg=APGConfig(args.apg_eta, args.apg_momentum, args.apg_threshold),
                   steps=steps, sampler=sampler, seed=args.seed,
@@ -109,6 +111,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.class_label is not None:  # the class the images were guided toward
         labels[:] = args.class_label
     save_samples(args.out, images, rows, labels, guidance=float(guidance), sampler=sampler, steps=int(steps),
-                 seed=int(args.seed))
+                 seed=int(args.seed), guidance_rescale=float(rescale))
     print(f"wrote {len(images)} images to {args.out}", file=sys.stderr)
     return 0

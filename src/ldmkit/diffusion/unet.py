@@ -351,7 +351,7 @@ PRESETS = {
                        norm_groups=8),
     # ~4.0M params on 4x8x8 latents: 64 ch at 8x8, 128 at 4x4 and 2x2, attention at 4x4 and 2x2
     "fashion-mnist": UNetConfig(),
-    # captioned shapes' 4x16x16 latents (the shapes autoencoder downsamples 2x): 64 ch at 16x16, 128 at 8x8 and
-    # 4x4, attention at 8x8 and 4x4
+    # captioned shapes' 16x16 latents (the shapes autoencoder downsamples 2x): 64 ch at 16x16, 128 at 8x8 and
+    # 4x4, attention at 8x8 and 4x4; latent channels in and out are set from the autoencoder when training
     "shapes": UNetConfig(),
 }

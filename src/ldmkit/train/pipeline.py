@@ -33,6 +33,7 @@ class PipelinePreset:
     classifier: StagePlan | None = None        # noise-aware classifier for classifier guidance
     eval_classifier: StagePlan | None = None   # frozen evaluation classifier (Fashion-MNIST)
     guidance: float = 3.0                      # default CFG scale of the pipeline
+    guidance_rescale: float = 0.0              # default guidance rescale phi (applied at scales above 1)
     sampler: str = "dpmpp-2m"                  # default sampler
     steps: int = 20                            # default sampling steps
 
@@ -43,10 +44,13 @@ PRESETS = {
     "tiny-fashion": PipelinePreset(data="fashion-mnist", autoencoder=StagePlan("tiny", 0), clip=StagePlan("tiny", 0),
                                    denoiser=StagePlan("tiny", 0), classifier=StagePlan("tiny", 0),
                                    eval_classifier=StagePlan("tiny", 0), steps=4),
+    # guidance rescale 0.7 at w = 3 against plain CFG, on the two earlier Fashion-MNIST pipelines (1,000 images):
+    # accuracy 98.7 vs 99.2% and recall 0.64 vs 0.59 (token-conditioned, 28.6 dB autoencoder); 98.9 vs 99.0% and
+    # 0.51 vs 0.44 (pooled-only, 26.1 dB). It keeps accuracy within half a point and buys recall, so it is the default.
     "fashion-mnist": PipelinePreset(data="fashion-mnist", autoencoder=StagePlan("fashion-mnist", 12),
                                     clip=StagePlan("fashion-mnist", 8), denoiser=StagePlan("fashion-mnist", 20),
                                     classifier=StagePlan("fashion-mnist", 5),
-                                    eval_classifier=StagePlan("fashion-mnist", 6)),
+                                    eval_classifier=StagePlan("fashion-mnist", 6), guidance_rescale=0.7),
     "shapes": PipelinePreset(data="shapes", autoencoder=StagePlan("shapes", 12), clip=StagePlan("shapes", 11),
                              denoiser=StagePlan("shapes", 20)),
 }
@@ -111,7 +115,8 @@ def write_pipeline_json(out: Path, pp: PipelinePreset, ds) -> dict:
         "stages": stages,
         "latent": {"scale_factor": scale, "shift_factor": shift, "shape": dcfg["conditioning"]["latent_shape"]},
         "image": {"size": list(ds.image_size), "crop": list(ds.crop_box), "channels": ds.channels},
-        "defaults": {"guidance": pp.guidance, "sampler": pp.sampler, "steps": pp.steps},
+        "defaults": {"guidance": pp.guidance, "guidance_rescale": pp.guidance_rescale, "sampler": pp.sampler,
+                     "steps": pp.steps},
         "provenance": provenance(data=pp.data),
     }
     write_json(out / "pipeline.json", spec)
