@@ -2,8 +2,9 @@
 
 `--num` is images per prompt; rows go prompt by prompt. The npz holds `images` (uint8 N x H x W x C at the
 dataset's native size), `prompts` (numpy unicode), `labels` (int64: the class a prompt names, else -1) and the
-scalars `guidance`, `sampler`, `steps`, `seed` and `guidance_rescale` (the phi used). Image i is seeded from (seed, i): the same command writes the same
-file, and an image does not change with `--num` or `--batch-size`. An empty prompt means unconditional.
+scalars `guidance`, `sampler`, `steps`, `seed` and `guidance_rescale` (the phi used). Image i is seeded from
+(seed, i): the same command writes the same file, and an image does not change with `--num` or `--batch-size`. An
+empty prompt means unconditional.
 """
 
 from __future__ import annotations
