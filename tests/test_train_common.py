@@ -8,7 +8,7 @@ from torch import nn
 
 from ldmkit.checkpoint import load_safetensors, load_state, read_json
 from ldmkit.nn import bf16_is_fast
-from ldmkit.train import common
+from ldmkit.train import budget, common
 from ldmkit.train.common import TrainConfig, TrainingDiverged
 
 
@@ -149,7 +149,7 @@ def test_replan_fits_the_rest_of_the_schedule_when_steps_cost_more(tmp_path, mon
     assert a2 == 40 and n2 == pytest.approx(40 * r0) and r2 == pytest.approx((100 - 40 * r0) / 3)
     # with neither, the guard stops the run before step 45 (59 s spent, a 1.5 s step would end past 60 s), at
     # nominal step ~80, its schedule unfinished
-    monkeypatch.setattr(common, "REPLAN_FRACTIONS", ())
+    monkeypatch.setattr(budget, "REPLAN_FRACTIONS", ())
     clock.t = 0.0
     toy_train(tmp_path / "d", cfg, clock=clock, costly_from=30, replan=False)
     m = read_json(tmp_path / "d" / "metrics.json")
@@ -167,9 +167,9 @@ def test_replan_fits_the_rest_of_the_schedule_when_steps_cost_more(tmp_path, mon
 
 
 def test_fit_to_budget_counts():
-    assert common.fit_to_budget(100, 15, 2.0, 41.0) == 35
-    assert common.fit_to_budget(100, 15, 0.01, 1e6) == 100  # never more than configured
-    assert common.fit_to_budget(100, 15, 5.0, -3.0) == 16   # over budget already: at least one more step
+    assert budget.fit_to_budget(100, 15, 2.0, 41.0) == 35
+    assert budget.fit_to_budget(100, 15, 0.01, 1e6) == 100  # never more than configured
+    assert budget.fit_to_budget(100, 15, 5.0, -3.0) == 16   # over budget already: at least one more step
 
 
 def test_existing_run_and_resume_errors(tmp_path):

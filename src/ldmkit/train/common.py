@@ -29,6 +29,7 @@ from ldmkit.checkpoint import (load_safetensors, load_state, provenance, read_js
                                write_json)
 from ldmkit.config import to_dict
 from ldmkit.nn import bf16_is_fast
+from ldmkit.train.budget import PLAN_FILE, BudgetPlan, fit_to_budget  # noqa: F401 (re-exported)
 from ldmkit.train.distributed import all_reduce_mean, init_distributed, wrap_ddp  # noqa: F401 (re-exported)
 
 
@@ -232,10 +233,7 @@ class Run:
         self._tb = None
         self.stopped_early = False
         self._t_trained = None  # when the step loop ended: train_seconds (wall_seconds adds the final metrics)
-        self.total, self.ratio = tc.steps, 1.0  # steps this run takes; nominal steps per actual step (now)
-        self._ratio0, self._nominal_total, self._fitting = 1.0, tc.steps, False  # the first plan's ratio
-        self.segments: list[list[float]] = []  # re-plans: [actual step, nominal step, ratio] from that step on
-        self._replan_at: int | None = None  # a re-plan's timing starts CALIB_SKIP steps after this step
+        self.plan = BudgetPlan(tc.steps, tc.max_minutes, False, self._t0, None, self.print)  # steps() re-plans
         seed_everything(tc.seed)
 
     def _check_dir(self) -> None:
@@ -304,33 +302,32 @@ class Run:
         return summary
 
     # -- loop helpers
+    @property
+    def total(self) -> int:
+        """Steps this run takes (fewer than configured when fitted to its budget)."""
+        return self.plan.total
+
+    @property
+    def ratio(self) -> float:
+        """Nominal steps per actual step, now."""
+        return self.plan.ratio
+
     def steps(self, start: int, total: int) -> Iterator[int]:
         """Step indices start..total-1 with a progress bar; stops early when another step (as long as the last
-        one) would end past `max_minutes`.
-
-        With `train.fit_budget` the first steps are timed and the run is planned to end inside `max_minutes`
-        (see `fit_to_budget`); a stage whose steps change cost part-way (CLIP when its text tower unlocks) calls
-        `replan` there, and the rest of the schedule is fitted again to the time left; the same happens at
-        REPLAN_FRACTIONS of the first plan, as steps drift from their first timing. The plan is kept in
-        DIR/plan.json, so a resumed run follows the same schedule.
-        """
+        one) would end past `max_minutes`. With `train.fit_budget` the schedule is fitted to the budget on the way
+        (`ldmkit.train.budget`)."""
         from tqdm.auto import tqdm
         budget = self.tc.max_minutes * 60
-        self._fitting = fitting = self.tc.fit_budget and budget > 0
-        self.total, self.ratio, self._ratio0, self._nominal_total = total, 1.0, 1.0, total
+        fitting = self.tc.fit_budget and budget > 0
+        self.plan = BudgetPlan(total, self.tc.max_minutes, fitting, self._t0,
+                               self.dir / PLAN_FILE if self.is_main else None, self.print)
         if fitting and self.resume and (self.dir / PLAN_FILE).is_file():
-            plan = read_json(self.dir / PLAN_FILE)
-            self._set_plan(plan["steps"], total)
-            self.total = int(plan["steps"])  # a re-planned run may end a step past the nominal count
-            self._ratio0 = plan.get("first_ratio", self._ratio0)
-            self.segments = plan.get("segments", [])
-            self.ratio = self.segments[-1][2] if self.segments else self._ratio0
-            fitting = False
+            self.plan.resume_from(self.dir / PLAN_FILE)
+            self.info["planned_steps"] = self.total
+        self.plan.start(start)
         self._bar = tqdm(total=self.total, initial=start, desc=self.stage,
                          disable=not self._progress, dynamic_ncols=True, file=sys.stderr)
         self._step_last = start
-        t_calib = None
-        periodic: set[int] = set()
         step = start
         t_prev = None  # when the previous step started: its length is the guess for the next one
         while step < min(total, self.total):
@@ -341,28 +338,10 @@ class Run:
                 self.print(f"time budget of {self.tc.max_minutes} min spent at step {step}; saving and stopping")
                 self._t_trained = time.perf_counter()
                 return
-            if fitting and step == start + CALIB_SKIP:
-                t_calib = time.perf_counter()
-            if fitting and step == start + CALIB_SKIP + CALIB_STEPS:
-                step_s = all_reduce_mean({"s": (time.perf_counter() - t_calib) / CALIB_STEPS})["s"]
-                left = budget * (1 - BUDGET_RESERVE) - (time.perf_counter() - self._t0)
-                self._set_plan(fit_to_budget(total, step, step_s, left), total)
-                fitting = False
-                self._write_plan(step_s)
-                # steps drift from the first timing (clocks settle under sustained load, data changes): time
-                # them again a few times on the way and re-fit what is left
-                periodic = {step + int(f * (self.total - step)) for f in REPLAN_FRACTIONS}
-                self.print(f"time budget: {step_s * 1000:.0f} ms/step, so {self.total} of {total} steps fit "
-                           f"{self.tc.max_minutes} min; the schedule is compressed {self.ratio:.2f}x (plan.json)")
-            if step in periodic and self._replan_at is None:
-                self._replan_at = step
-            if self._replan_at is not None and step == self._replan_at + CALIB_SKIP:
-                t_calib = time.perf_counter()
-            if self._replan_at is not None and step == self._replan_at + CALIB_SKIP + CALIB_STEPS:
-                step_s = all_reduce_mean({"s": (time.perf_counter() - t_calib) / CALIB_STEPS})["s"]
-                left = budget * (1 - BUDGET_RESERVE) - (time.perf_counter() - self._t0)
-                self._replan_at = None
-                self._refit(step, step_s, left)
+            if self.plan.before_step(step):
+                self.info["planned_steps"] = self.total
+                self._bar.total = self.total
+                self._bar.refresh()
             yield step
             self._bar.update(1)
             step += 1
@@ -376,49 +355,14 @@ class Run:
 
     def replan(self, step: int) -> None:
         """The steps from `step` on cost differently: time a few of them and fit the rest of the schedule to the
-        budget left (a no-op without `fit_budget`, and on a resumed run that already re-planned past this step)."""
-        if not self._fitting or (self.segments and step <= self.segments[-1][0]):
-            return
-        self._replan_at = step  # replaces a pending periodic re-timing: the steps before this one cost differently
-
-    def _refit(self, step: int, step_s: float, left: float) -> None:
-        """From `step` on: as many steps as fit `left` seconds at `step_s`, covering the rest of the nominal
-        schedule (never more steps than it has), joined to the schedule so far without a jump."""
-        here = self.nominal(step)
-        rest = max(self._nominal_total - here, 0.0)
-        fit = int(max(0.0, left) / step_s) if step_s > 0 else math.ceil(rest)
-        n = max(1, min(fit, math.ceil(rest)))
-        self.ratio = rest / n if rest > 0 else 1.0
-        self.segments.append([step, here, self.ratio])
-        self.total = step + n
-        self.info["planned_steps"] = self.total
-        self._write_plan(step_s)
-        self.print(f"time budget re-planned at step {step}: {step_s * 1000:.0f} ms/step, {n} more steps for the "
-                   f"rest of the schedule ({self.total} in all)")
-
-    def _write_plan(self, step_s: float) -> None:
-        if self.is_main:
-            write_json(self.dir / PLAN_FILE, {"steps": self.total, "nominal_steps": self._nominal_total,
-                                              "step_seconds": round(step_s, 4), "first_ratio": self._ratio0,
-                                              "segments": self.segments, "budget_minutes": self.tc.max_minutes})
-        if self._bar is not None:
-            self._bar.total = self.total
-            self._bar.refresh()
-
-    def _set_plan(self, steps: int, nominal: int) -> None:
-        self.total = max(1, min(int(steps), nominal))
-        self.ratio = self._ratio0 = nominal / self.total
-        self.info["planned_steps"] = self.total
+        budget left."""
+        self.plan.replan(step)
 
     def nominal(self, step: int) -> float:
-        """The step of the configured schedule that actual step `step` stands for: step * ratio, or after a
-        re-plan its segment's start plus the steps since times that segment's ratio. Schedules (learning rate,
+        """The step of the configured schedule that actual step `step` stands for. Schedules (learning rate,
         GAN switch-on, ...) are read at this step, so a budget-fitted run goes through the whole schedule in fewer
         steps."""
-        for a, n, r in reversed(self.segments):
-            if step >= a:
-                return n + (step - a) * r
-        return step * self._ratio0
+        return self.plan.nominal(step)
 
     def halflife(self, steps: float) -> float:
         """An EMA half-life in configured steps, in actual steps of this run (at the current ratio)."""
@@ -484,20 +428,6 @@ class Run:
 
     def should(self, every: int, step: int) -> bool:
         return every > 0 and (step + 1) % every == 0
-
-
-PLAN_FILE = "plan.json"
-CALIB_SKIP, CALIB_STEPS = 3, 12  # steps left untimed (allocation, caches), then timed for the budget plan
-BUDGET_RESERVE = 0.06  # share of the budget kept free (later steps that cost more, the final checkpoint)
-REPLAN_FRACTIONS = (0.25, 0.5, 0.75)  # where in the first plan the steps are timed again and the rest re-fitted
-
-
-def fit_to_budget(total: int, done: int, step_seconds: float, seconds_left: float) -> int:
-    """How many steps a run can take: the `done` ones plus as many as fit `seconds_left` at `step_seconds` each,
-    never more than `total`."""
-    if step_seconds <= 0:
-        return total
-    return max(done + 1, min(total, done + int(max(0.0, seconds_left) / step_seconds)))
 
 
 def start_run(out_dir, cfg, tc: TrainConfig, stage: str, **kw) -> Run:
