@@ -36,6 +36,15 @@ def require_fashion_mnist() -> Path:
     pytest.skip(msg)
 
 
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory) -> Path:
+    """The tiny shapes pipeline, every stage trained through the CLI (shared: copy it before changing it)."""
+    from ldmkit.cli import main as cli
+    out = tmp_path_factory.mktemp("pipe") / "tiny"
+    assert cli(["train", "pipeline", "--preset", "tiny", "--out", str(out), "--no-progress"]) == 0
+    return out
+
+
 @pytest.fixture
 def fashion_dir() -> Path:
     return require_fashion_mnist()

@@ -93,17 +93,18 @@ def test_downsampling_factor_and_shapes(levels):
     assert post.mean.shape == (2, 3, 32 // f, 48 // f) and recon.shape == x.shape
 
 
-@pytest.mark.parametrize("shape", [(2, 5, 3, 7), (3, 16, 8, 8)])
-def test_folded_upsample_equals_nearest_then_conv(shape):
+@pytest.mark.parametrize("shape,out_ch", [((2, 5, 3, 7), None), ((3, 16, 8, 8), None), ((2, 6, 4, 5), 3)])
+def test_folded_upsample_equals_nearest_then_conv(shape, out_ch):
     """The decoder's upsampler (a folded 4x4 transposed conv) against nearest x2 + the 3x3 conv it stores, written
-    here with torch's own ops: same output and same gradients for input, weight and bias (fp32)."""
+    here with torch's own ops: same output and same gradients for input, weight and bias (fp32); also when the
+    conv changes the width (the fast decoder's upsamplers)."""
     from ldmkit.autoencoder.vae import Upsample
     torch.manual_seed(0)
-    up = Upsample(shape[1])
+    up = Upsample(shape[1], out_ch)
     x = torch.randn(*shape, requires_grad=True)
     ref = F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), up.conv.weight, up.conv.bias, padding=1)
     out = up(x)
-    assert out.shape == ref.shape == (shape[0], shape[1], 2 * shape[2], 2 * shape[3])
+    assert out.shape == ref.shape == (shape[0], out_ch or shape[1], 2 * shape[2], 2 * shape[3])
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     g = torch.randn_like(ref)
     got = torch.autograd.grad(out, [x, up.conv.weight, up.conv.bias], g)

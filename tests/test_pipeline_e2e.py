@@ -10,13 +10,6 @@ import torch
 from ldmkit.cli import main as cli
 
 
-@pytest.fixture(scope="module")
-def tiny_pipeline(tmp_path_factory):
-    out = tmp_path_factory.mktemp("pipe") / "tiny"
-    assert cli(["train", "pipeline", "--preset", "tiny", "--out", str(out), "--no-progress"]) == 0
-    return out
-
-
 def sample(pipe, tmp, name, *extra):
     path = tmp / name
     assert cli(["sample", str(pipe), "--no-progress", "--out", str(path), *extra]) == 0

@@ -56,6 +56,14 @@ def load_autoencoder(path: str | Path):
     return model, float(scale), float(shift)
 
 
+def load_fast_decoder(path: str | Path):
+    """(FastDecoder in eval mode, config dict) of a fast-decoder stage directory."""
+    from ldmkit.autoencoder.fast_decoder import FastDecoder, FastDecoderConfig
+    path = Path(path)
+    cfg = stage_config(path, "fast-decoder")
+    return _load_weights(FastDecoder(from_dict(FastDecoderConfig, cfg["model"])), path), cfg
+
+
 def load_clip(path: str | Path):
     """The CLIPModel (eval mode, with its tokenizer) of a CLIP stage directory."""
     from ldmkit.conditioning import CLIPConfig, CLIPModel, Tokenizer

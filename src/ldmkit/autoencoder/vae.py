@@ -121,16 +121,16 @@ def folded_upsample_weight(w: torch.Tensor) -> torch.Tensor:
 
 
 class Upsample(nn.Module):
-    """Nearest-neighbour x2, then a 3x3 conv: (B, C, H, W) -> (B, C, 2H, 2W).
+    """Nearest-neighbour x2, then a 3x3 conv: (B, C, H, W) -> (B, out_ch or C, 2H, 2W).
 
     Computed exactly (up to float rounding) without materialising the upsampled map: the 3x3 kernel is folded into
     a 4x4 stride-2 transposed conv on the low-resolution input (16 instead of 36 multiply-adds per output pixel and
     channel pair; forward + backward ~1.8x faster at the Fashion-MNIST preset's sizes). The parameters and their
     names are the plain form's (`conv.weight` (C, C, 3, 3)), so diffusers / Stable Diffusion weights load unchanged."""
 
-    def __init__(self, ch: int):
+    def __init__(self, ch: int, out_ch: int | None = None):
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+        self.conv = nn.Conv2d(ch, out_ch or ch, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv_transpose2d(x, folded_upsample_weight(self.conv.weight), self.conv.bias, stride=2, padding=1)

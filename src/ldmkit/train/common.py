@@ -29,7 +29,7 @@ from ldmkit.checkpoint import (load_safetensors, load_state, provenance, read_js
                                write_json)
 from ldmkit.config import to_dict
 from ldmkit.nn import bf16_is_fast
-from ldmkit.train.budget import PLAN_FILE, BudgetPlan, fit_to_budget  # noqa: F401 (re-exported)
+from ldmkit.train.budget import PLAN_FILE, BudgetPlan
 from ldmkit.train.distributed import all_reduce_mean, init_distributed, wrap_ddp  # noqa: F401 (re-exported)
 
 

@@ -1,8 +1,8 @@
 """`ldmkit train pipeline --preset fashion-mnist --out DIR`: every stage of a text-to-image pipeline, in order.
 
 Order: evaluation classifier (Fashion-MNIST only, frozen before any generator), autoencoder, CLIP, denoiser,
-noise-aware classifier; then `pipeline.json` with each stage's weight hash, the latent scale factor and the
-sampling defaults. A stage that already finished (its metrics.json exists) is kept; one that was interrupted
+noise-aware classifier, fast decoder; then `pipeline.json` with each stage's weight hash, the latent scale factor and
+the sampling defaults. A stage that already finished (its metrics.json exists) is kept; one that was interrupted
 resumes from its last checkpoint, so rerunning the command continues where it stopped.
 """
 
@@ -32,6 +32,7 @@ class PipelinePreset:
     denoiser: StagePlan
     classifier: StagePlan | None = None        # noise-aware classifier for classifier guidance
     eval_classifier: StagePlan | None = None   # frozen evaluation classifier (Fashion-MNIST)
+    fast_decoder: StagePlan | None = None      # small decoder of the same latents (`--decoder fast`)
     guidance: float = 3.0                      # default CFG scale of the pipeline
     guidance_rescale: float = 0.0              # default guidance rescale phi (applied at scales above 1)
     sampler: str = "dpmpp-2m"                  # default sampler
@@ -40,7 +41,8 @@ class PipelinePreset:
 
 PRESETS = {
     "tiny": PipelinePreset(data="shapes", autoencoder=StagePlan("tiny", 0), clip=StagePlan("tiny", 0),
-                           denoiser=StagePlan("tiny", 0), classifier=StagePlan("tiny", 0), steps=4),
+                           denoiser=StagePlan("tiny", 0), classifier=StagePlan("tiny", 0),
+                           fast_decoder=StagePlan("tiny", 0), steps=4),
     "tiny-fashion": PipelinePreset(data="fashion-mnist", autoencoder=StagePlan("tiny", 0), clip=StagePlan("tiny", 0),
                                    denoiser=StagePlan("tiny", 0), classifier=StagePlan("tiny", 0),
                                    eval_classifier=StagePlan("tiny", 0), steps=4),
@@ -50,10 +52,14 @@ PRESETS = {
     "fashion-mnist": PipelinePreset(data="fashion-mnist", autoencoder=StagePlan("fashion-mnist", 12),
                                     clip=StagePlan("fashion-mnist", 8), denoiser=StagePlan("fashion-mnist", 20),
                                     classifier=StagePlan("fashion-mnist", 5),
-                                    eval_classifier=StagePlan("fashion-mnist", 6), guidance_rescale=0.7),
+                                    eval_classifier=StagePlan("fashion-mnist", 6),
+                                    fast_decoder=StagePlan("fashion-mnist", 6), guidance_rescale=0.7),
     "shapes": PipelinePreset(data="shapes", autoencoder=StagePlan("shapes", 12), clip=StagePlan("shapes", 11),
                              denoiser=StagePlan("shapes", 20)),
 }
+
+
+STAGES = ("autoencoder", "clip", "denoiser", "classifier", "eval-classifier", "fast-decoder")  # pipeline.json order
 
 
 def _stage_cfg(presets, plan: StagePlan, extra: list[str]):
@@ -75,7 +81,7 @@ def _run_stage(name: str, out: Path, fn) -> None:
 def train_pipeline(pp: PipelinePreset, out: str | Path, data_dir: str | None = None, progress: bool = True,
                    overrides: dict[str, list[str]] | None = None) -> dict:
     from ldmkit.data import load_dataset
-    from ldmkit.train import autoencoder, classifier, clip, eval_classifier, ldm
+    from ldmkit.train import autoencoder, classifier, clip, eval_classifier, fast_decoder, ldm
     out, ov = Path(out), overrides or {}
     kw = {"data_dir": data_dir} if pp.data == "fashion-mnist" else {}
     ds = load_dataset(pp.data, split="train", **kw)
@@ -98,6 +104,11 @@ def train_pipeline(pp: PipelinePreset, out: str | Path, data_dir: str | None = N
         _run_stage("classifier", out / "classifier",
                    lambda r: classifier.train(kcfg, out / "classifier", pp.data, ds, str(out / "autoencoder"),
                                               resume=r, progress=progress))
+    if pp.fast_decoder is not None:
+        fcfg = _stage_cfg(fast_decoder.PRESETS, pp.fast_decoder, ov.get("fast-decoder", []))
+        _run_stage("fast-decoder", out / "fast-decoder",
+                   lambda r: fast_decoder.train(fcfg, out / "fast-decoder", pp.data, ds, str(out / "autoencoder"),
+                                                resume=r, progress=progress))
     return write_pipeline_json(out, pp, ds)
 
 
@@ -107,7 +118,7 @@ def write_pipeline_json(out: Path, pp: PipelinePreset, ds) -> dict:
     _, scale, shift = load_autoencoder(out / "autoencoder")
     dcfg = stage_config(out / "denoiser", "ldm")
     stages = {name: {"path": name, "sha256": weights_hash(out / name)}
-              for name in ("autoencoder", "clip", "denoiser", "classifier", "eval-classifier")
+              for name in STAGES
               if (out / name / "model.safetensors").exists()}
     spec = {
         "format": "ldmkit-pipeline/1",
@@ -135,9 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     ov: dict[str, list[str]] = {}
     for item in args.overrides:
         stage, _, kv = item.partition(":")
-        if not kv or stage not in ("autoencoder", "clip", "denoiser", "classifier", "eval-classifier"):
-            p.error(f"--set {item!r} must be STAGE:KEY=VALUE with STAGE one of autoencoder, clip, denoiser, "
-                    "classifier, eval-classifier")
+        if not kv or stage not in STAGES:
+            p.error(f"--set {item!r} must be STAGE:KEY=VALUE with STAGE one of {', '.join(STAGES)}")
         ov.setdefault(stage, []).append(kv)
     spec = train_pipeline(PRESETS[args.preset], args.out, args.data_dir, not args.no_progress, ov)
     print(f"pipeline written to {args.out} (stages: {', '.join(spec['stages'])})", file=sys.stderr)

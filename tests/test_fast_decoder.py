@@ -1,0 +1,56 @@
+"""The fast decoder: shapes and config checks, its training stage, and decoding a pipeline's samples with it."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from ldmkit.autoencoder import PRESETS as AE_PRESETS
+from ldmkit.autoencoder.fast_decoder import FastDecoder, FastDecoderConfig, config_for
+from ldmkit.cli import main as cli
+
+
+def test_shapes_and_factor_check():
+    dec = FastDecoder(FastDecoderConfig(latent_channels=3, out_channels=2, channels=(8, 6, 4), blocks=1))
+    assert dec(torch.randn(2, 3, 5, 6)).shape == (2, 2, 20, 24)
+    with pytest.raises(ValueError, match=r"expects \(B, 3, h, w\) latents"):
+        dec(torch.randn(2, 4, 5, 6))
+    cfg = config_for(AE_PRESETS["fashion-mnist"], channels=(16, 8, 4))  # 3 levels: factor 4
+    assert (cfg.latent_channels, cfg.out_channels, cfg.upsample_factor) == (4, 1, 4)
+    with pytest.raises(ValueError, match="upsample 2x but the autoencoder downsamples 4x; give 3 widths"):
+        config_for(AE_PRESETS["fashion-mnist"], channels=(16, 8))
+    with pytest.raises(ValueError, match="one positive width per resolution"):
+        FastDecoderConfig(channels=())
+
+
+def test_fast_decoder_trains_and_decodes_a_pipelines_samples(tiny_pipeline, tmp_path):
+    """The tiny pipeline trains a fast decoder last; pipeline.json names it with its hash; `--decoder fast` decodes
+    the same latents (same seed) into other, deterministic images; a fast decoder of another autoencoder is refused."""
+    out = tmp_path / "pipe"
+    shutil.copytree(tiny_pipeline, out)
+    spec = json.loads((out / "pipeline.json").read_text())
+    assert spec["stages"]["fast-decoder"]["path"] == "fast-decoder"
+    cfg = json.loads((out / "fast-decoder" / "config.json").read_text())
+    assert cfg["autoencoder_sha256"] == spec["stages"]["autoencoder"]["sha256"]
+    m = json.loads((out / "fast-decoder" / "metrics.json").read_text())
+    assert m["steps_done"] == 20 and m["params"] > 0
+    rows = [json.loads(r) for r in (out / "fast-decoder" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["rec"] < rows[0]["rec"]  # it learns
+    args = ["--prompt", "a red circle", "--num", "3", "--seed", "1", "--steps", "3"]
+    runs = {}
+    for name, extra in (("full", []), ("fast", ["--decoder", "fast"]), ("fast2", ["--decoder", "fast"])):
+        path = tmp_path / f"{name}.npz"
+        assert cli(["sample", str(out), "--no-progress", "--out", str(path), *args, *extra]) == 0
+        runs[name] = np.load(path, allow_pickle=False)
+    assert runs["fast"]["images"].shape == runs["full"]["images"].shape
+    assert np.array_equal(runs["fast"]["images"], runs["fast2"]["images"])
+    assert not np.array_equal(runs["fast"]["images"], runs["full"]["images"])
+    assert str(runs["fast"]["decoder"]) == "fast"
+    # bound to its autoencoder: a changed hash in the fast decoder's config fails the load
+    cfg["autoencoder_sha256"] = "0" * 16
+    (out / "fast-decoder" / "config.json").write_text(json.dumps(cfg))
+    from ldmkit.pipeline import Pipeline
+    with pytest.raises(ValueError, match="fast decoder .* trained for another autoencoder"):
+        Pipeline.load(out)
