@@ -19,6 +19,8 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
                               "train the noise-aware latent classifier for classifier guidance"),
     ("train", "fast-decoder"): ("ldmkit.train.fast_decoder:main",
                                 "train a small, fast decoder for a trained autoencoder's latents"),
+    ("train", "distill"): ("ldmkit.train.distill:main",
+                           "guidance distillation: a denoiser that needs one network call per sampling step"),
     ("train", "pipeline"): ("ldmkit.train.pipeline:main", "train every stage of a text-to-image pipeline in order"),
     ("autoencoder", "eval"): ("ldmkit.eval.autoencoder_eval:main",
                               "PSNR/SSIM/LPIPS, latent statistics and a reconstruction grid"),

@@ -17,7 +17,7 @@ depend on how many others are generated with it or on the batch size.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -162,9 +162,10 @@ class Pipeline:
     """Autoencoder + frozen text encoder + denoiser (+ noise-aware classifier) behind one call."""
 
     def __init__(self, root: Path, spec: dict, autoencoder, text_encoder, backbone, objective, classifier=None,
-                 text_tokens: bool = True, fast_decoder=None):
+                 text_tokens: bool = True, fast_decoder=None, distilled=None):
         self.root, self.spec = root, spec
         self.fast_decoder = fast_decoder
+        self.distilled = distilled  # (guidance-distilled backbone, its config) or None
         self.autoencoder, self.backbone, self.objective, self.classifier = autoencoder, backbone, objective, classifier
         self.encode = PromptEncoder(text_encoder, batched=False, tokens=text_tokens)
         lat = spec["latent"]
@@ -175,8 +176,8 @@ class Pipeline:
 
     @classmethod
     def load(cls, path: str | Path) -> "Pipeline":
-        from ldmkit.stages import (load_autoencoder, load_classifier, load_denoiser, load_fast_decoder,
-                                   load_text_encoder)
+        from ldmkit.stages import (load_autoencoder, load_classifier, load_denoiser, load_distilled,
+                                   load_fast_decoder, load_text_encoder)
         root = Path(path)
         if not (root / "pipeline.json").exists():
             raise FileNotFoundError(f"{root} is not a pipeline directory (no pipeline.json); build one with "
@@ -200,8 +201,15 @@ class Pipeline:
                 raise ValueError(f"the fast decoder in {root} was trained for another autoencoder (hash "
                                  f"{fcfg['autoencoder_sha256']}, pipeline has {st['autoencoder']['sha256']}); "
                                  "retrain it with `ldmkit train fast-decoder`")
+        distilled = None
+        if "distilled" in st:
+            distilled = load_distilled(root / st["distilled"]["path"])
+            if distilled[1]["teacher_sha256"] != st["denoiser"]["sha256"]:
+                raise ValueError(f"the distilled denoiser in {root} was distilled from another denoiser (hash "
+                                 f"{distilled[1]['teacher_sha256']}, pipeline has {st['denoiser']['sha256']}); "
+                                 "distill again with `ldmkit train distill`")
         return cls(root, spec, ae, text, backbone, objective, clf, text_tokens=dcfg.get("text_tokens", True),
-                   fast_decoder=fast)
+                   fast_decoder=fast, distilled=distilled)
 
     # ------------------------------------------------------------------ latents <-> images
     @torch.no_grad()
@@ -214,6 +222,24 @@ class Pipeline:
         top, left, h, w = self.crop_box
         x = x[:, :, top:top + h, left:left + w]
         return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+    def distilled_guidance(self) -> Guidance:
+        """The guidance the distilled denoiser reproduces (its w and rescale phi)."""
+        if self.distilled is None:
+            raise ValueError(f"{self.root} has no distilled denoiser (no 'distilled' stage in pipeline.json); make one "
+                             f"with `ldmkit train distill --pipeline {self.root}`")
+        cfg = self.distilled[1]
+        return Guidance(scale=float(cfg["guidance"]), rescale=float(cfg["guidance_rescale"]))
+
+    def _distilled(self, guidance: Guidance):
+        """(the distilled backbone, the guidance left to apply on top: none but classifier guidance)."""
+        want = self.distilled_guidance()
+        if replace(guidance, classifier_scale=0.0) != want:
+            raise ValueError(f"the distilled denoiser reproduces guidance w={want.scale}, rescale {want.rescale}; "
+                             f"got w={guidance.scale}, rescale {guidance.rescale}, mode {guidance.mode}, interval "
+                             f"{guidance.interval}, negative prompt {guidance.negative_prompt!r}: sample without "
+                             "--distilled for other guidance, or distill at it (--set guidance=W)")
+        return self.distilled[0], Guidance(scale=1.0, classifier_scale=guidance.classifier_scale)
 
     def _decoder(self, name: str):
         if name == "full":
@@ -252,12 +278,17 @@ class Pipeline:
                  sampler: str | None = None, seed: int = 0, batch_size: int = 64, class_labels=None,
                  init_latents: torch.Tensor | None = None, strength: float = 1.0, inpaint=None,
                  progress: bool = True, micro_batch: int = MICRO_BATCH, precision: str = "fp32",
-                 decoder: str = "full") -> np.ndarray:
+                 decoder: str = "full", distilled: bool = False) -> np.ndarray:
         """One image per entry of `prompts` (rows in order; image i seeded by (seed, i)) -> uint8 NHWC.
         Images do not change with `batch_size`; `micro_batch` (rows per network call) may change their last bits.
         precision "bf16" runs the denoiser and decoder under bf16 autocast (faster on CPUs with AVX512-BF16/AMX;
-        the sampler stays fp32; images then differ slightly from fp32 ones). decoder: "full" or "fast" (`decode`)."""
+        the sampler stays fp32; images then differ slightly from fp32 ones). decoder: "full" or "fast" (`decode`).
+        distilled: sample with the guidance-distilled denoiser (one network row per image and step); `guidance`
+        must then be the setting it was distilled at (`distilled_guidance`)."""
         self._decoder(decoder)  # fail before sampling
+        backbone = self.backbone
+        if distilled:
+            backbone, guidance = self._distilled(guidance)
         if micro_batch < 1:
             raise ValueError(f"micro_batch={micro_batch} must be >= 1 (rows per network call)")
         steps = int(steps or self.defaults["steps"])
@@ -273,7 +304,7 @@ class Pipeline:
             labels = None if class_labels is None else list(class_labels[sl])
             known = None if inpaint is None else (inpaint[0][sl], inpaint[1][sl])
             x0 = None if init_latents is None else init_latents[sl]
-            z = sample_latents(self.backbone, self.objective, self.encode, list(prompts[sl]),
+            z = sample_latents(backbone, self.objective, self.encode, list(prompts[sl]),
                                range(b, b + len(prompts[sl])), self.latent_shape, seed=seed, guidance=guidance,
                                sampler=sampler, steps=steps, classifier=self.classifier, class_labels=labels,
                                x_start=x0, start_step=start if x0 is not None else 0, inpaint=known,

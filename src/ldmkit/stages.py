@@ -64,6 +64,14 @@ def load_fast_decoder(path: str | Path):
     return _load_weights(FastDecoder(from_dict(FastDecoderConfig, cfg["model"])), path), cfg
 
 
+def load_distilled(path: str | Path):
+    """(guidance-distilled backbone in eval mode, config dict) of a distill stage directory."""
+    path = Path(path)
+    cfg = stage_config(path, "distill")
+    cond = cfg["denoiser"]["conditioning"]
+    return _load_weights(build_backbone(cfg["denoiser"], cond["context_dim"], cond["pooled_dim"]), path), cfg
+
+
 def load_clip(path: str | Path):
     """The CLIPModel (eval mode, with its tokenizer) of a CLIP stage directory."""
     from ldmkit.conditioning import CLIPConfig, CLIPModel, Tokenizer

@@ -1,4 +1,5 @@
-"""The fast decoder: shapes and config checks, its training stage, and decoding a pipeline's samples with it."""
+"""Faster sampling: the fast decoder (shapes, config checks, training stage, decoding a pipeline's samples) and
+guidance distillation (a student that needs one network call per step)."""
 
 import json
 import shutil
@@ -54,3 +55,33 @@ def test_fast_decoder_trains_and_decodes_a_pipelines_samples(tiny_pipeline, tmp_
     from ldmkit.pipeline import Pipeline
     with pytest.raises(ValueError, match="fast decoder .* trained for another autoencoder"):
         Pipeline.load(out)
+
+
+def test_guidance_distillation_stage(tiny_pipeline, tmp_path):
+    """`ldmkit train distill` registers a student in pipeline.json; `--distilled` samples with it (deterministic,
+    other images than the guided teacher's); guidance other than the distilled setting is refused."""
+    from ldmkit.pipeline import Pipeline
+    out = tmp_path / "pipe"
+    shutil.copytree(tiny_pipeline, out)
+    assert cli(["train", "distill", "--pipeline", str(out), "--preset", "tiny", "--no-progress"]) == 0
+    spec = json.loads((out / "pipeline.json").read_text())
+    assert spec["stages"]["distilled"]["path"] == "distilled"
+    cfg = json.loads((out / "distilled" / "config.json").read_text())
+    assert cfg["teacher_sha256"] == spec["stages"]["denoiser"]["sha256"]
+    assert cfg["guidance"] == spec["defaults"]["guidance"]
+    rows = [json.loads(r) for r in (out / "distilled" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all(np.isfinite(r["loss"]) for r in rows)
+    args = ["--prompt", "a red circle", "--num", "2", "--seed", "3", "--steps", "3"]
+    got = {}
+    for name, extra in (("teacher", []), ("student", ["--distilled"]), ("student2", ["--distilled"])):
+        path = tmp_path / f"{name}.npz"
+        assert cli(["sample", str(out), "--no-progress", "--out", str(path), *args, *extra]) == 0
+        got[name] = np.load(path, allow_pickle=False)
+    assert np.array_equal(got["student"]["images"], got["student2"]["images"])
+    assert not np.array_equal(got["student"]["images"], got["teacher"]["images"])
+    assert bool(got["student"]["distilled"]) and float(got["student"]["guidance"]) == cfg["guidance"]
+    pipe = Pipeline.load(out)
+    with pytest.raises(ValueError, match="distilled denoiser reproduces guidance w="):
+        pipe(["a red circle"], guidance=cfg["guidance"] + 1, steps=2, distilled=True, progress=False)
+    with pytest.raises(ValueError, match="no distilled denoiser"):
+        Pipeline.load(tiny_pipeline).distilled_guidance()

@@ -1,0 +1,149 @@
+"""`ldmkit train distill --pipeline DIR`: guidance distillation, one network call per sampling step.
+
+Classifier-free guidance costs two denoiser rows per image and step (conditional and unconditional). A student
+initialised from the pipeline's denoiser learns to predict the *guided* output at one fixed guidance setting (the
+pipeline's default w and rescale phi; stage one of Meng et al. 2023, "On Distillation of Guided Diffusion Models"),
+so sampling with it (`ldmkit sample --distilled`) evaluates one row per step instead of two.
+
+Each step draws latents from the autoencoder's cache, captions from the training templates, a time and noise as
+the denoiser's own training does, and regresses the student's velocity on the teacher's guided velocity
+(D_u + w (D_c - D_u), rescaled by phi, turned back into a velocity). A fraction `p_uncond` of the captions is
+dropped to the null condition with the teacher's unguided unconditional prediction as the target, so the empty
+prompt keeps its meaning. Flow-matching denoisers only (the pipelines' objective).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ldmkit.diffusion.objectives import draw_training_noise, logit_normal_time, make_denoiser
+from ldmkit.diffusion.samplers import example_seed
+from ldmkit.diffusion.schedules import NUM_TRAIN_STEPS
+from ldmkit.train import common
+from ldmkit.train.common import TrainConfig
+from ldmkit.train.ldm import LDMConfig
+
+NOISE_SEED_OFFSET = 7919  # the student's draws differ from the ones the teacher was trained on
+
+
+@dataclass(frozen=True)
+class DistillStage:
+    guidance: float = 0.0             # w the student reproduces; 0 = the pipeline's default
+    guidance_rescale: float = -1.0    # phi; -1 = the pipeline's default
+    p_uncond: float = 0.1             # captions dropped to the null condition (target: the unguided D_u)
+    teacher_sha256: str = ""          # the denoiser distilled (filled in)
+    denoiser: LDMConfig = field(default_factory=LDMConfig)  # the teacher's config (filled in): same architecture
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        steps=1500, batch_size=64, lr=2e-4, warmup_steps=50, ema_halflife_steps=100, min_lr_ratio=0.1,
+        log_every=50, ckpt_every=250, max_minutes=10, fit_budget=True))
+
+
+PRESETS = {
+    "tiny": DistillStage(train=TrainConfig(steps=20, batch_size=16, lr=2e-4, warmup_steps=2, log_every=5,
+                                           ckpt_every=10, ema_halflife_steps=5)),
+    "fashion-mnist": DistillStage(),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    from ldmkit.config import apply_overrides, preset
+    p = argparse.ArgumentParser(prog="ldmkit train distill", description=__doc__.splitlines()[0])
+    p.add_argument("--pipeline", required=True, help="pipeline directory (its denoiser is the teacher)")
+    p.add_argument("--preset", default="fashion-mnist", choices=sorted(PRESETS))
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set guidance=4 (repeatable)")
+    p.add_argument("--out", default=None, help="stage directory (default: PIPELINE/distilled)")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST idx files")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    cfg = apply_overrides(preset(PRESETS, args.preset), args.overrides)
+    out = Path(args.out) if args.out else Path(args.pipeline) / "distilled"
+    train(cfg, out, args.pipeline, args.data_dir, resume=args.resume, progress=not args.no_progress)
+    if args.out is None:
+        register(Path(args.pipeline))
+    return 0
+
+
+def register(root: Path, name: str = "distilled") -> None:
+    """Name the distilled stage in pipeline.json with its weight hash (the other entries stay as they are)."""
+    from ldmkit.checkpoint import read_json, write_json
+    from ldmkit.stages import weights_hash
+    spec = read_json(root / "pipeline.json")
+    spec["stages"][name] = {"path": name, "sha256": weights_hash(root / name)}
+    write_json(root / "pipeline.json", spec)
+
+
+def train(cfg: DistillStage, out, pipeline_dir, data_dir: str | None = None, resume: bool = False,
+          progress: bool = True) -> dict:
+    from ldmkit.checkpoint import read_json
+    from ldmkit.config import from_dict
+    from ldmkit.data import load_dataset
+    from ldmkit.guidance.cfg import guided_denoiser
+    from ldmkit.pipeline import Pipeline, PromptEncoder
+    from ldmkit.train.latents import draw_latents, posterior_cache
+    root, out = Path(pipeline_dir), Path(out)
+    pipe = Pipeline.load(root)
+    if pipe.objective.kind != "flow":
+        raise ValueError(f"{root}: guidance distillation is implemented for flow-matching denoisers; this one "
+                         f"predicts {pipe.objective.kind!r}")
+    st = pipe.spec["stages"]
+    teacher_cfg = {k: v for k, v in read_json(root / st["denoiser"]["path"] / "config.json").items()
+                   if k not in ("stage", "data")}
+    w = cfg.guidance or float(pipe.defaults["guidance"])
+    phi = cfg.guidance_rescale if cfg.guidance_rescale >= 0 else float(pipe.defaults.get("guidance_rescale", 0.0))
+    cfg = dataclasses.replace(cfg, guidance=w, guidance_rescale=phi, teacher_sha256=st["denoiser"]["sha256"],
+                              denoiser=from_dict(LDMConfig, teacher_cfg))
+    tc, c = cfg.train, cfg.denoiser.conditioning
+    spec = pipe.spec["data"]
+    ds = load_dataset(spec, split="train", **({"data_dir": data_dir} if spec == "fashion-mnist" else {}))
+    run = common.start_run(out, cfg, tc, "distill", data=spec, resume=resume, progress=progress)
+    cache = posterior_cache(root / st["autoencoder"]["path"], pipe.autoencoder, st["autoencoder"]["sha256"], ds,
+                            spec, "train", fallback_dir=out, progress=progress)
+    teacher = make_denoiser(pipe.backbone.to(run.device), pipe.objective)
+    model = copy.deepcopy(pipe.backbone).to(run.device).train().requires_grad_(True)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    net = common.wrap_ddp(model, run.device)
+    opt = common.make_adamw(model.parameters(), tc)
+    start = run.restore({"model": model, "ema": ema}, {"opt": opt})
+    encode = PromptEncoder(pipe.encode.text_encoder, tokens=pipe.encode.tokens)
+    seed = tc.seed + NOISE_SEED_OFFSET
+    step, loss = start, torch.zeros(())
+    for step in run.steps(start, tc.steps):
+        idx, gidx = common.batch_indices(len(ds), tc.batch_size, step, tc.seed, run.rank, run.world)
+        x0 = draw_latents(cache, idx, gidx, seed, c.scale_factor, c.shift_factor).to(run.device)
+        captions = [ds.caption(int(i), random.Random(example_seed(seed, int(g), 2))) for i, g in zip(idx, gidx)]
+        noise, u, drop = draw_training_noise(seed, gidx, tuple(x0.shape[1:]), cfg.p_uncond, device=run.device)
+        cond = {k: v.to(run.device) for k, v in encode(captions).items()}
+        drop = drop | cond["drop"]
+        cond["drop"] = drop
+        t = logit_normal_time(u, pipe.objective.logit_mean, pipe.objective.logit_std).clamp(1e-4, 1 - 1e-4)
+        tb = t.view(-1, 1, 1, 1)
+        x_t = (1 - tb) * x0 + tb * noise
+        sigma = t / (1 - t)
+        with torch.no_grad():  # the teacher's guided x0 (dropped rows: scale 1 on the null condition = D_u)
+            scale = torch.where(drop, torch.ones_like(t), torch.full_like(t, w))
+            guided = guided_denoiser(teacher, cond, {**cond, "drop": torch.ones_like(drop)}, scale, rescale=phi,
+                                     rescale_space="flow")
+            target = (x_t - guided(x_t * (1 + sigma).view(-1, 1, 1, 1), sigma)) / tb  # velocity of D_guided
+        common.set_lr(opt, common.lr_at(run.nominal(step), tc))
+        with common.autocast(run.device, tc.precision):
+            pred = net(x_t, t * NUM_TRAIN_STEPS, **cond)
+        loss = (pred.float() - target.float()).square().mean()
+        loss.backward()
+        gnorm = common.clip_grad(model.parameters(), tc.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        common.ema_update(ema, model, run.halflife(tc.ema_halflife_steps))
+        run.log(step, loss=loss.item(), grad_norm=gnorm, lr=opt.param_groups[0]["lr"])
+        if run.should(tc.ckpt_every, step):
+            run.save(step + 1, {"model": model, "ema": ema}, {"opt": opt}, ema.state_dict())
+        step += 1
+    return run.finish(ema.state_dict(), {"final_loss": loss.item(), "guidance": w, "guidance_rescale": phi}, step)
