@@ -85,3 +85,6 @@ def test_guidance_distillation_stage(tiny_pipeline, tmp_path):
         pipe(["a red circle"], guidance=cfg["guidance"] + 1, steps=2, distilled=True, progress=False)
     with pytest.raises(ValueError, match="no distilled denoiser"):
         Pipeline.load(tiny_pipeline).distilled_guidance()
+    # rerunning `train pipeline` keeps every finished stage and keeps naming the distilled one
+    assert cli(["train", "pipeline", "--preset", "tiny", "--out", str(out), "--no-progress"]) == 0
+    assert json.loads((out / "pipeline.json").read_text())["stages"]["distilled"] == spec["stages"]["distilled"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from ldmkit.checkpoint import provenance, write_json
@@ -59,7 +59,8 @@ PRESETS = {
 }
 
 
-STAGES = ("autoencoder", "clip", "denoiser", "classifier", "eval-classifier", "fast-decoder")  # pipeline.json order
+STAGES = ("autoencoder", "clip", "denoiser", "classifier", "eval-classifier", "fast-decoder")  # trained here, in order
+LISTED = (*STAGES, "distilled")  # named in pipeline.json when present (`ldmkit train distill` adds the last)
 
 
 def _stage_cfg(presets, plan: StagePlan, extra: list[str]):
@@ -118,7 +119,7 @@ def write_pipeline_json(out: Path, pp: PipelinePreset, ds) -> dict:
     _, scale, shift = load_autoencoder(out / "autoencoder")
     dcfg = stage_config(out / "denoiser", "ldm")
     stages = {name: {"path": name, "sha256": weights_hash(out / name)}
-              for name in STAGES
+              for name in LISTED
               if (out / name / "model.safetensors").exists()}
     spec = {
         "format": "ldmkit-pipeline/1",
