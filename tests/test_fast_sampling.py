@@ -79,12 +79,27 @@ def test_guidance_distillation_stage(tiny_pipeline, tmp_path):
         got[name] = np.load(path, allow_pickle=False)
     assert np.array_equal(got["student"]["images"], got["student2"]["images"])
     assert not np.array_equal(got["student"]["images"], got["teacher"]["images"])
-    assert bool(got["student"]["distilled"]) and float(got["student"]["guidance"]) == cfg["guidance"]
+    assert str(got["student"]["distilled"]) == "guidance" and str(got["teacher"]["distilled"]) == "none"
+    assert float(got["student"]["guidance"]) == cfg["guidance"]
     pipe = Pipeline.load(out)
     with pytest.raises(ValueError, match="distilled denoiser reproduces guidance w="):
         pipe(["a red circle"], guidance=cfg["guidance"] + 1, steps=2, distilled=True, progress=False)
     with pytest.raises(ValueError, match="no distilled denoiser"):
         Pipeline.load(tiny_pipeline).distilled_guidance()
-    # rerunning `train pipeline` keeps every finished stage and keeps naming the distilled one
+    # the one-step student of the distilled denoiser's 2-step sampler
+    assert cli(["train", "distill", "--pipeline", str(out), "--preset", "tiny", "--set", "one_step_from=2",
+                "--no-progress"]) == 0
+    spec = json.loads((out / "pipeline.json").read_text())
+    one = json.loads((out / "onestep" / "config.json").read_text())
+    assert one["teacher_sha256"] == spec["stages"]["distilled"]["sha256"] and one["one_step_from"] == 2
+    for name in ("one", "one2"):
+        path = tmp_path / f"{name}.npz"
+        assert cli(["sample", str(out), "--no-progress", "--out", str(path), "--prompt", "a red circle", "--num", "2",
+                    "--one-step"]) == 0
+        got[name] = np.load(path, allow_pickle=False)
+    assert np.array_equal(got["one"]["images"], got["one2"]["images"])
+    assert int(got["one"]["steps"]) == 1 and str(got["one"]["distilled"]) == "onestep"
+    # rerunning `train pipeline` keeps every finished stage and keeps naming the distilled ones
     assert cli(["train", "pipeline", "--preset", "tiny", "--out", str(out), "--no-progress"]) == 0
-    assert json.loads((out / "pipeline.json").read_text())["stages"]["distilled"] == spec["stages"]["distilled"]
+    after = json.loads((out / "pipeline.json").read_text())["stages"]
+    assert after["distilled"] == spec["stages"]["distilled"] and after["onestep"] == spec["stages"]["onestep"]

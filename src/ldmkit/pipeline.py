@@ -162,10 +162,11 @@ class Pipeline:
     """Autoencoder + frozen text encoder + denoiser (+ noise-aware classifier) behind one call."""
 
     def __init__(self, root: Path, spec: dict, autoencoder, text_encoder, backbone, objective, classifier=None,
-                 text_tokens: bool = True, fast_decoder=None, distilled=None):
+                 text_tokens: bool = True, fast_decoder=None, distilled=None, onestep=None):
         self.root, self.spec = root, spec
         self.fast_decoder = fast_decoder
         self.distilled = distilled  # (guidance-distilled backbone, its config) or None
+        self.onestep = onestep  # (its one-step student, config) or None
         self.autoencoder, self.backbone, self.objective, self.classifier = autoencoder, backbone, objective, classifier
         self.encode = PromptEncoder(text_encoder, batched=False, tokens=text_tokens)
         lat = spec["latent"]
@@ -208,8 +209,15 @@ class Pipeline:
                 raise ValueError(f"the distilled denoiser in {root} was distilled from another denoiser (hash "
                                  f"{distilled[1]['teacher_sha256']}, pipeline has {st['denoiser']['sha256']}); "
                                  "distill again with `ldmkit train distill`")
+        onestep = None
+        if "onestep" in st:
+            onestep = load_distilled(root / st["onestep"]["path"])
+            if "distilled" not in st or onestep[1]["teacher_sha256"] != st["distilled"]["sha256"]:
+                raise ValueError(f"the one-step student in {root} was distilled from another distilled denoiser "
+                                 f"(hash {onestep[1]['teacher_sha256']}); distill it again with `ldmkit train "
+                                 "distill --set one_step_from=N`")
         return cls(root, spec, ae, text, backbone, objective, clf, text_tokens=dcfg.get("text_tokens", True),
-                   fast_decoder=fast, distilled=distilled)
+                   fast_decoder=fast, distilled=distilled, onestep=onestep)
 
     # ------------------------------------------------------------------ latents <-> images
     @torch.no_grad()
@@ -278,17 +286,23 @@ class Pipeline:
                  sampler: str | None = None, seed: int = 0, batch_size: int = 64, class_labels=None,
                  init_latents: torch.Tensor | None = None, strength: float = 1.0, inpaint=None,
                  progress: bool = True, micro_batch: int = MICRO_BATCH, precision: str = "fp32",
-                 decoder: str = "full", distilled: bool = False) -> np.ndarray:
+                 decoder: str = "full", distilled: bool | str = False) -> np.ndarray:
         """One image per entry of `prompts` (rows in order; image i seeded by (seed, i)) -> uint8 NHWC.
         Images do not change with `batch_size`; `micro_batch` (rows per network call) may change their last bits.
         precision "bf16" runs the denoiser and decoder under bf16 autocast (faster on CPUs with AVX512-BF16/AMX;
         the sampler stays fp32; images then differ slightly from fp32 ones). decoder: "full" or "fast" (`decode`).
         distilled: sample with the guidance-distilled denoiser (one network row per image and step); `guidance`
-        must then be the setting it was distilled at (`distilled_guidance`)."""
+        must then be the setting it was distilled at (`distilled_guidance`). distilled="onestep": its one-step
+        student (`ldmkit train distill --set one_step_from=N`; sample it with steps=1)."""
         self._decoder(decoder)  # fail before sampling
         backbone = self.backbone
         if distilled:
             backbone, guidance = self._distilled(guidance)
+            if distilled == "onestep":
+                if self.onestep is None:
+                    raise ValueError(f"{self.root} has no one-step student; make one with `ldmkit train distill "
+                                     f"--pipeline {self.root} --set one_step_from=2`")
+                backbone = self.onestep[0]
         if micro_batch < 1:
             raise ValueError(f"micro_batch={micro_batch} must be >= 1 (rows per network call)")
         steps = int(steps or self.defaults["steps"])

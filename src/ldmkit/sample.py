@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "decoder (`ldmkit train fast-decoder`), several times cheaper per image, slightly less sharp")
     p.add_argument("--distilled", action="store_true", help="sample with the pipeline's guidance-distilled "
                    "denoiser (`ldmkit train distill`): one network call per step, guidance fixed at its w and phi")
+    p.add_argument("--one-step", action="store_true", help="sample with the one-step student of the distilled "
+                   "denoiser (`ldmkit train distill --set one_step_from=N`): one network call per image; "
+                   "--steps defaults to 1")
     p.add_argument("--negative-prompt", default=None, help="replaces the unconditional prediction")
     p.add_argument("--classifier-scale", type=float, default=0.0, help="classifier guidance strength s")
     p.add_argument("--class-label", type=int, default=None, help="class for classifier guidance (needed with '')")
@@ -100,12 +103,13 @@ def main(argv: list[str] | None = None) -> int:
     from ldmkit.guidance.cfg import APGConfig
     from ldmkit.pipeline import Pipeline
     pipe = Pipeline.load(args.pipeline)
-    default_w = pipe.distilled_guidance().scale if args.distilled else pipe.defaults["guidance"]
+    fixed = args.distilled or args.one_step  # guidance fixed by distillation
+    default_w = pipe.distilled_guidance().scale if fixed else pipe.defaults["guidance"]
     guidance = default_w if args.guidance is None else args.guidance
     sampler = args.sampler or pipe.defaults["sampler"]
-    steps = args.steps or pipe.defaults["steps"]
+    steps = args.steps or (1 if args.one_step else pipe.defaults["steps"])
     rescale = pipe.guidance(guidance, rescale=args.guidance_rescale).rescale  # the pipeline's phi unless given
-    if args.distilled and args.guidance_rescale is None:
+    if fixed and args.guidance_rescale is None:
         rescale = pipe.distilled_guidance().rescale
     images = pipe(args.prompt, args.num, negative_prompt=args.negative_prompt, guidance=guidance,
                   guidance_mode=args.guidance_mode, guidance_rescale=rescale,
@@ -113,13 +117,14 @@ def main(argv: list[str] | None = None) -> int:
                   class_label=args.class_label, apg=APGConfig(args.apg_eta, args.apg_momentum, args.apg_threshold),
                   steps=steps, sampler=sampler, seed=args.seed,
                   batch_size=args.batch_size, micro_batch=args.micro_batch, precision=args.precision,
-                  decoder=args.decoder, distilled=args.distilled, progress=not args.no_progress)
+                  decoder=args.decoder, distilled="onestep" if args.one_step else args.distilled,
+                  progress=not args.no_progress)
     rows = [p for p in args.prompt for _ in range(args.num)]
     labels = labels_for(rows)
     if args.class_label is not None:  # the class the images were guided toward
         labels[:] = args.class_label
     save_samples(args.out, images, rows, labels, guidance=float(guidance), sampler=sampler, steps=int(steps),
                  seed=int(args.seed), guidance_rescale=float(rescale), decoder=args.decoder,
-                 distilled=bool(args.distilled))
+                 distilled="onestep" if args.one_step else ("guidance" if args.distilled else "none"))
     print(f"wrote {len(images)} images to {args.out}", file=sys.stderr)
     return 0

@@ -5,6 +5,11 @@ initialised from the pipeline's denoiser learns to predict the *guided* output a
 pipeline's default w and rescale phi; stage one of Meng et al. 2023, "On Distillation of Guided Diffusion Models"),
 so sampling with it (`ldmkit sample --distilled`) evaluates one row per step instead of two.
 
+With `--set one_step_from=N` the teacher is that guidance-distilled student run for N steps of
+`one_step_sampler`, and a copy of it learns to predict the N-step sample from the starting noise in one call
+(its prediction at sigma = inf; knowledge distillation of a sampler, Luhman & Luhman 2021). It goes to
+PIPELINE/onestep and serves `ldmkit sample --one-step` (one network call per image, prompted sampling only).
+
 Each step draws latents from the autoencoder's cache, captions from the training templates, a time and noise as
 the denoiser's own training does, and regresses the student's velocity on the teacher's guided velocity
 (D_u + w (D_c - D_u), rescaled by phi, turned back into a velocity). A fraction `p_uncond` of the captions is
@@ -37,6 +42,8 @@ class DistillStage:
     guidance: float = 0.0             # w the student reproduces; 0 = the pipeline's default
     guidance_rescale: float = -1.0    # phi; -1 = the pipeline's default
     p_uncond: float = 0.1             # captions dropped to the null condition (target: the unguided D_u)
+    one_step_from: int = 0            # > 0: distil this many steps of the guidance-distilled student into one
+    one_step_sampler: str = "dpmpp-2m"  # the sampler of those steps
     teacher_sha256: str = ""          # the denoiser distilled (filled in)
     denoiser: LDMConfig = field(default_factory=LDMConfig)  # the teacher's config (filled in): same architecture
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
@@ -65,10 +72,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     cfg = apply_overrides(preset(PRESETS, args.preset), args.overrides)
-    out = Path(args.out) if args.out else Path(args.pipeline) / "distilled"
-    train(cfg, out, args.pipeline, args.data_dir, resume=args.resume, progress=not args.no_progress)
+    name = "onestep" if cfg.one_step_from > 0 else "distilled"
+    out = Path(args.out) if args.out else Path(args.pipeline) / name
+    fn = train_one_step if cfg.one_step_from > 0 else train
+    fn(cfg, out, args.pipeline, args.data_dir, resume=args.resume, progress=not args.no_progress)
     if args.out is None:
-        register(Path(args.pipeline))
+        register(Path(args.pipeline), name)
     return 0
 
 
@@ -147,3 +156,59 @@ def train(cfg: DistillStage, out, pipeline_dir, data_dir: str | None = None, res
             run.save(step + 1, {"model": model, "ema": ema}, {"opt": opt}, ema.state_dict())
         step += 1
     return run.finish(ema.state_dict(), {"final_loss": loss.item(), "guidance": w, "guidance_rescale": phi}, step)
+
+
+def train_one_step(cfg: DistillStage, out, pipeline_dir, data_dir: str | None = None, resume: bool = False,
+                   progress: bool = True) -> dict:
+    """A one-call student of the guidance-distilled denoiser's `one_step_from`-step sampler (see the docstring)."""
+    from ldmkit.config import from_dict
+    from ldmkit.data import load_dataset
+    from ldmkit.diffusion.samplers import example_generators, randn
+    from ldmkit.pipeline import Guidance, Pipeline, PromptEncoder, sample_latents
+    root, out = Path(pipeline_dir), Path(out)
+    pipe = Pipeline.load(root)
+    st = pipe.spec["stages"]
+    if pipe.distilled is None:
+        raise ValueError(f"{root} has no distilled denoiser to distil into one step; run `ldmkit train distill "
+                         f"--pipeline {root}` first")
+    teacher, tcfg = pipe.distilled
+    cfg = dataclasses.replace(cfg, guidance=float(tcfg["guidance"]), guidance_rescale=float(tcfg["guidance_rescale"]),
+                              teacher_sha256=st["distilled"]["sha256"], denoiser=from_dict(LDMConfig, tcfg["denoiser"]))
+    tc, shape = cfg.train, tuple(pipe.latent_shape)
+    spec = pipe.spec["data"]
+    ds = load_dataset(spec, split="train", **({"data_dir": data_dir} if spec == "fashion-mnist" else {}))
+    run = common.start_run(out, cfg, tc, "distill", data=spec, resume=resume, progress=progress)
+    teacher = teacher.to(run.device)
+    model = copy.deepcopy(teacher).train().requires_grad_(True)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    net = common.wrap_ddp(model, run.device)
+    student = make_denoiser(net, pipe.objective)
+    opt = common.make_adamw(model.parameters(), tc)
+    start = run.restore({"model": model, "ema": ema}, {"opt": opt})
+    encode = PromptEncoder(pipe.encode.text_encoder, tokens=pipe.encode.tokens)
+    seed = tc.seed + NOISE_SEED_OFFSET
+    step, loss = start, torch.zeros(())
+    for step in run.steps(start, tc.steps):
+        idx, gidx = common.batch_indices(len(ds), tc.batch_size, step, tc.seed, run.rank, run.world)
+        captions = [ds.caption(int(i), random.Random(example_seed(seed, int(g), 2))) for i, g in zip(idx, gidx)]
+        with torch.no_grad():  # the teacher's N-step samples from the noise of (seed, global index)
+            target = sample_latents(teacher, pipe.objective, encode, captions, gidx.tolist(), shape, seed=seed,
+                                    guidance=Guidance(scale=1.0), sampler=cfg.one_step_sampler,
+                                    steps=cfg.one_step_from, micro_batch=tc.batch_size)
+        z = randn((len(captions), *shape), example_generators(seed, gidx.tolist())).to(run.device)
+        cond = {k: v.to(run.device) for k, v in encode(captions).items()}
+        common.set_lr(opt, common.lr_at(run.nominal(step), tc))
+        with common.autocast(run.device, tc.precision):
+            pred = student(z, torch.full((len(z),), float("inf"), device=run.device), cond)
+        loss = (pred.float() - target.to(run.device).float()).square().mean()
+        loss.backward()
+        gnorm = common.clip_grad(model.parameters(), tc.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        common.ema_update(ema, model, run.halflife(tc.ema_halflife_steps))
+        run.log(step, loss=loss.item(), grad_norm=gnorm, lr=opt.param_groups[0]["lr"])
+        if run.should(tc.ckpt_every, step):
+            run.save(step + 1, {"model": model, "ema": ema}, {"opt": opt}, ema.state_dict())
+        step += 1
+    return run.finish(ema.state_dict(), {"final_loss": loss.item(), "one_step_from": cfg.one_step_from,
+                                         "guidance": cfg.guidance, "guidance_rescale": cfg.guidance_rescale}, step)

@@ -60,7 +60,7 @@ PRESETS = {
 
 
 STAGES = ("autoencoder", "clip", "denoiser", "classifier", "eval-classifier", "fast-decoder")  # trained here, in order
-LISTED = (*STAGES, "distilled")  # named in pipeline.json when present (`ldmkit train distill` adds the last)
+LISTED = (*STAGES, "distilled", "onestep")  # named in pipeline.json when present (`ldmkit train distill` adds these)
 
 
 def _stage_cfg(presets, plan: StagePlan, extra: list[str]):
