@@ -6,8 +6,9 @@
 
 A configuration is SAMPLER:STEPS, optionally followed by `:bf16` (the networks under bf16 autocast, on either side)
 and, for ldmkit, `:gLO-HI` (guidance interval: the unconditional branch runs only for LO < sigma <= HI), `:fast`
-(decode with the pipeline's fast decoder, `ldmkit train fast-decoder`) and `:distilled` (the guidance-distilled
-denoiser, `ldmkit train distill`: one network row per image and step). The JSON gives two ratios: `speedup_at_bar`
+(decode with the pipeline's fast decoder, `ldmkit train fast-decoder`), `:distilled` (the guidance-distilled
+denoiser, `ldmkit train distill`: one network row per image and step) and `:onestep` (its one-step student,
+`--set one_step_from=N`; use it with 1 step). The JSON gives two ratios: `speedup_at_bar`
 (each side's fastest configuration, ldmkit's own fast decoder and distilled denoiser allowed) and
 `speedup_at_bar_same_networks` (ldmkit restricted to the very networks the diffusers side runs).
 
@@ -113,12 +114,14 @@ def parse_configs(text: str, interval_ok: bool = True) -> list[dict]:
                 cfg["decoder"] = "fast"
             elif opt == "distilled" and interval_ok:
                 cfg["distilled"] = True
+            elif opt == "onestep" and interval_ok:
+                cfg["distilled"] = "onestep"
             elif opt.startswith("g") and interval_ok:
                 lo, _, hi = opt[1:].partition("-")
                 cfg["interval"] = (float(lo), float(hi))
             else:
                 raise SystemExit(f"configuration {item!r}: unknown option {opt!r} (bf16"
-                                 f"{', gLO-HI, fast, distilled' if interval_ok else ''})")
+                                 f"{', gLO-HI, fast, distilled, onestep' if interval_ok else ''})")
         out.append(cfg)
     return out
 
@@ -166,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         pipe.generate(warm, guidance=pipe.guidance(w), steps=2, progress=False, decoder="fast")
     if pipe.distilled is not None:
         pipe.generate(warm, guidance=pipe.distilled_guidance(), steps=2, progress=False, distilled=True)
+    if pipe.onestep is not None:
+        pipe.generate(warm, guidance=pipe.distilled_guidance(), steps=1, progress=False, distilled="onestep")
     diffusers_generate(pipe, vae, "euler", 2, warm, w)
     for c in parse_configs(args.ldmkit):
         timed("ldmkit", c, lambda: pipe.generate(prompts, guidance=pipe.guidance(w, interval=c["interval"]),
