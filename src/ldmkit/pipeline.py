@@ -158,6 +158,19 @@ def _check_hashes(root: Path, spec: dict) -> None:
                              "pipeline with `ldmkit train pipeline` (or restore the original stage)")
 
 
+def _load_bound(root: Path, st: dict, name: str, loader, key: str, parent: str, what: str, fix: str):
+    """(module, config) of the optional stage `name`, whose config records in `key` the weight hash of the stage
+    `parent` it was made from; None when pipeline.json does not name it."""
+    if name not in st:
+        return None
+    loaded = loader(root / st[name]["path"])
+    want = st[parent]["sha256"] if parent in st else None
+    if loaded[1][key] != want:
+        raise ValueError(f"{what} in {root} was trained for another {parent} (hash {loaded[1][key]}, pipeline has "
+                         f"{want}); {fix}")
+    return loaded
+
+
 class Pipeline:
     """Autoencoder + frozen text encoder + denoiser (+ noise-aware classifier) behind one call."""
 
@@ -195,29 +208,16 @@ class Pipeline:
                 raise ValueError(f"the denoiser in {root} was trained with another {stage} (hash {cond[key]}, "
                                  f"pipeline has {st[stage]['sha256']}); retrain the denoiser on this {stage}")
         clf = load_classifier(root / st["classifier"]["path"])[0] if "classifier" in st else None
-        fast = None
-        if "fast-decoder" in st:
-            fast, fcfg = load_fast_decoder(root / st["fast-decoder"]["path"])
-            if fcfg["autoencoder_sha256"] != st["autoencoder"]["sha256"]:
-                raise ValueError(f"the fast decoder in {root} was trained for another autoencoder (hash "
-                                 f"{fcfg['autoencoder_sha256']}, pipeline has {st['autoencoder']['sha256']}); "
-                                 "retrain it with `ldmkit train fast-decoder`")
-        distilled = None
-        if "distilled" in st:
-            distilled = load_distilled(root / st["distilled"]["path"])
-            if distilled[1]["teacher_sha256"] != st["denoiser"]["sha256"]:
-                raise ValueError(f"the distilled denoiser in {root} was distilled from another denoiser (hash "
-                                 f"{distilled[1]['teacher_sha256']}, pipeline has {st['denoiser']['sha256']}); "
-                                 "distill again with `ldmkit train distill`")
-        onestep = None
-        if "onestep" in st:
-            onestep = load_distilled(root / st["onestep"]["path"])
-            if "distilled" not in st or onestep[1]["teacher_sha256"] != st["distilled"]["sha256"]:
-                raise ValueError(f"the one-step student in {root} was distilled from another distilled denoiser "
-                                 f"(hash {onestep[1]['teacher_sha256']}); distill it again with `ldmkit train "
-                                 "distill --set one_step_from=N`")
+        fast = _load_bound(root, st, "fast-decoder", load_fast_decoder, "autoencoder_sha256", "autoencoder",
+                           "the fast decoder", "retrain it with `ldmkit train fast-decoder`")
+        distilled = _load_bound(root, st, "distilled", load_distilled, "teacher_sha256", "denoiser",
+                                "the distilled denoiser", "distill again with `ldmkit train distill`")
+        onestep = _load_bound(root, st, "onestep", load_distilled, "teacher_sha256", "distilled",
+                              "the one-step student", "distill it again with `ldmkit train distill --set "
+                              "one_step_from=N`")
         return cls(root, spec, ae, text, backbone, objective, clf, text_tokens=dcfg.get("text_tokens", True),
-                   fast_decoder=fast, distilled=distilled, onestep=onestep)
+                   fast_decoder=None if fast is None else fast[0], distilled=distilled,
+                   onestep=onestep)
 
     # ------------------------------------------------------------------ latents <-> images
     @torch.no_grad()

@@ -81,6 +81,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def update(run, step: int, loss: torch.Tensor, model, ema, opt) -> None:
+    """Backward, clip, optimizer step, EMA, log and checkpoint: the end of both distillation loops' steps."""
+    tc = run.tc
+    loss.backward()
+    gnorm = common.clip_grad(model.parameters(), tc.grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    common.ema_update(ema, model, run.halflife(tc.ema_halflife_steps))
+    run.log(step, loss=loss.item(), grad_norm=gnorm, lr=opt.param_groups[0]["lr"])
+    if run.should(tc.ckpt_every, step):
+        run.save(step + 1, {"model": model, "ema": ema}, {"opt": opt}, ema.state_dict())
+
+
 def register(root: Path, name: str = "distilled") -> None:
     """Name the distilled stage in pipeline.json with its weight hash (the other entries stay as they are)."""
     from ldmkit.checkpoint import read_json, write_json
@@ -146,14 +159,7 @@ def train(cfg: DistillStage, out, pipeline_dir, data_dir: str | None = None, res
         with common.autocast(run.device, tc.precision):
             pred = net(x_t, t * NUM_TRAIN_STEPS, **cond)
         loss = (pred.float() - target.float()).square().mean()
-        loss.backward()
-        gnorm = common.clip_grad(model.parameters(), tc.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        common.ema_update(ema, model, run.halflife(tc.ema_halflife_steps))
-        run.log(step, loss=loss.item(), grad_norm=gnorm, lr=opt.param_groups[0]["lr"])
-        if run.should(tc.ckpt_every, step):
-            run.save(step + 1, {"model": model, "ema": ema}, {"opt": opt}, ema.state_dict())
+        update(run, step, loss, model, ema, opt)
         step += 1
     return run.finish(ema.state_dict(), {"final_loss": loss.item(), "guidance": w, "guidance_rescale": phi}, step)
 
@@ -201,14 +207,7 @@ def train_one_step(cfg: DistillStage, out, pipeline_dir, data_dir: str | None = 
         with common.autocast(run.device, tc.precision):
             pred = student(z, torch.full((len(z),), float("inf"), device=run.device), cond)
         loss = (pred.float() - target.to(run.device).float()).square().mean()
-        loss.backward()
-        gnorm = common.clip_grad(model.parameters(), tc.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        common.ema_update(ema, model, run.halflife(tc.ema_halflife_steps))
-        run.log(step, loss=loss.item(), grad_norm=gnorm, lr=opt.param_groups[0]["lr"])
-        if run.should(tc.ckpt_every, step):
-            run.save(step + 1, {"model": model, "ema": ema}, {"opt": opt}, ema.state_dict())
+        update(run, step, loss, model, ema, opt)
         step += 1
     return run.finish(ema.state_dict(), {"final_loss": loss.item(), "one_step_from": cfg.one_step_from,
                                          "guidance": cfg.guidance, "guidance_rescale": cfg.guidance_rescale}, step)
