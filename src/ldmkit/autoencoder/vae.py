@@ -36,6 +36,8 @@ class AutoencoderConfig:
     use_post_quant_conv: bool = True  # 1x1 conv on z before the decoder
     scaling_factor: float | None = None  # latent scale 1/std if known (SD 0.18215); None = estimate from data
     shift_factor: float | None = None  # latent shift subtracted before scaling (some diffusers VAEs); None = 0
+    patch_size: int = 1  # p > 1: the encoder reads p x p pixel patches as channels (pixel_unshuffle) and the
+    #                      decoder writes them (pixel_shuffle); the factor grows p-fold without a full-resolution level
 
     def __post_init__(self):
         if not self.block_out_channels:
@@ -47,12 +49,14 @@ class AutoencoderConfig:
         if self.layers_per_block < 1 or self.latent_channels < 1:
             raise ValueError(f"layers_per_block={self.layers_per_block} and latent_channels="
                              f"{self.latent_channels} must both be >= 1")
+        if self.patch_size < 1:
+            raise ValueError(f"patch_size={self.patch_size} must be >= 1 (1 = no patchifying)")
         if self.logvar_clamp[0] >= self.logvar_clamp[1]:
             raise ValueError(f"logvar_clamp={self.logvar_clamp} must be (low, high) with low < high")
 
     @property
     def downsample_factor(self) -> int:
-        return 2 ** (len(self.block_out_channels) - 1)
+        return self.patch_size * 2 ** (len(self.block_out_channels) - 1)
 
 
 def _norm(cfg: AutoencoderConfig, ch: int) -> nn.GroupNorm:
@@ -179,7 +183,8 @@ class Encoder(nn.Module):
     def __init__(self, cfg: AutoencoderConfig):
         super().__init__()
         ch = cfg.block_out_channels
-        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.patch_size = cfg.patch_size
+        self.conv_in = nn.Conv2d(cfg.in_channels * cfg.patch_size ** 2, ch[0], 3, padding=1)
         levels, prev = [], ch[0]
         for i, c in enumerate(ch):
             levels.append(Level(cfg, prev, c, cfg.layers_per_block, "down" if i < len(ch) - 1 else None))
@@ -190,6 +195,8 @@ class Encoder(nn.Module):
         self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)  # double_z: mean and logvar
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.patch_size > 1:
+            x = F.pixel_unshuffle(x, self.patch_size)
         h = self.conv_in(x)
         for level in self.down_blocks:
             h = level(h)
@@ -211,13 +218,15 @@ class Decoder(nn.Module):
             prev = c
         self.up_blocks = nn.ModuleList(levels)
         self.conv_norm_out = _norm(cfg, ch[-1])
-        self.conv_out = nn.Conv2d(ch[-1], cfg.out_channels, 3, padding=1)
+        self.patch_size = cfg.patch_size
+        self.conv_out = nn.Conv2d(ch[-1], cfg.out_channels * cfg.patch_size ** 2, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.mid_block(self.conv_in(z))
         for level in self.up_blocks:
             h = level(h)
-        return self.conv_out(F.silu(self.conv_norm_out(h)))
+        h = self.conv_out(F.silu(self.conv_norm_out(h)))
+        return F.pixel_shuffle(h, self.patch_size) if self.patch_size > 1 else h
 
 
 class AutoencoderKL(nn.Module):
