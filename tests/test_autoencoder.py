@@ -93,6 +93,29 @@ def test_downsampling_factor_and_shapes(levels):
     assert post.mean.shape == (2, 3, 32 // f, 48 // f) and recon.shape == x.shape
 
 
+def test_patch_size_is_pixel_unshuffle_around_a_plain_model():
+    """patch_size=2 equals a patch-1 model on 2x2-patch channels: the same weights applied to pixel_unshuffle(x)
+    give the same moments, and its decoder's output is pixel_shuffle of the plain decoder's; the factor doubles."""
+    import torch.nn.functional as F
+    cfg = replace(SMALL, block_out_channels=(8, 8), in_channels=1, out_channels=1, patch_size=2)
+    plain_cfg = replace(cfg, patch_size=1, in_channels=4, out_channels=4)
+    assert cfg.downsample_factor == 4 and plain_cfg.downsample_factor == 2
+    model, plain = small_model(cfg=cfg), small_model(cfg=plain_cfg)
+    plain.load_state_dict(model.state_dict())  # same parameter names and shapes
+    x = torch.randn(2, 1, 16, 24)
+    post, ref = model.encode(x), plain.encode(F.pixel_unshuffle(x, 2))
+    assert post.mean.shape == (2, cfg.latent_channels, 4, 6)
+    torch.testing.assert_close(post.mean, ref.mean)
+    torch.testing.assert_close(post.logvar, ref.logvar)
+    z = post.mode()
+    torch.testing.assert_close(model.decode(z), F.pixel_shuffle(plain.decode(z), 2))
+    assert model.decode(z).shape == x.shape
+    with pytest.raises(ValueError, match="patch_size"):
+        replace(cfg, patch_size=0)
+    with pytest.raises(ValueError, match="not divisible by the downsampling factor 4"):
+        model.encode(torch.randn(1, 1, 18, 16))
+
+
 @pytest.mark.parametrize("shape,out_ch", [((2, 5, 3, 7), None), ((3, 16, 8, 8), None), ((2, 6, 4, 5), 3)])
 def test_folded_upsample_equals_nearest_then_conv(shape, out_ch):
     """The decoder's upsampler (a folded 4x4 transposed conv) against nearest x2 + the 3x3 conv it stores, written

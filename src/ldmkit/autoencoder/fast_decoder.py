@@ -80,7 +80,7 @@ class FastDecoder(nn.Module):
 
 def config_for(autoencoder_cfg, **kw) -> FastDecoderConfig:
     """A fast-decoder config matching an AutoencoderConfig's latent channels, image channels and factor."""
-    levels = len(autoencoder_cfg.block_out_channels)
+    levels = autoencoder_cfg.downsample_factor.bit_length()  # one width per resolution: log2(factor) + 1
     base = FastDecoderConfig(latent_channels=autoencoder_cfg.latent_channels,
                              out_channels=autoencoder_cfg.out_channels, **kw)
     if base.upsample_factor != autoencoder_cfg.downsample_factor:
