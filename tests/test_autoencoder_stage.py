@@ -47,6 +47,20 @@ def test_tiny_shapes_writes_a_loadable_stage(tmp_path):
     assert all(torch.equal(weights[k], ema[k]) for k in weights)
 
 
+def test_patch_size_stage_round_trips_through_its_directory(tmp_path):
+    """A patch-2 autoencoder (the fashion-mnist-small layout, tiny widths) trains, and its directory loads back
+    into the same layout: 32x32 images to 8x8 latents, weights equal to the exported EMA."""
+    from ldmkit.stages import load_autoencoder
+    out = tmp_path / "ae"
+    assert cli(train_args(out, "shapes", "train.steps=4", "loss.disc_start=2", "model.patch_size=2",
+                          "model.block_out_channels=[8,16]")) == 0
+    ae, _, _ = load_autoencoder(out)
+    assert ae.cfg.patch_size == 2 and ae.cfg.downsample_factor == 4 and ae.encoder.conv_in.in_channels == 12
+    assert ae.encode(torch.zeros(1, 3, 32, 32)).mean.shape == (1, 4, 8, 8)
+    weights = load_safetensors(out / "model.safetensors")
+    assert all(torch.equal(weights[k], v) for k, v in ae.state_dict().items())
+
+
 def test_scale_factor_is_one_over_std_of_posterior_samples(tmp_path):
     """The exact moment formula agrees with the std of many posterior draws (Monte Carlo, no shared code)."""
     from ldmkit.data import load_dataset

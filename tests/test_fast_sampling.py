@@ -1,6 +1,7 @@
 """Faster sampling: the fast decoder (shapes, config checks, training stage, decoding a pipeline's samples) and
 guidance distillation (a student that needs one network call per step)."""
 
+import dataclasses
 import json
 import shutil
 
@@ -22,6 +23,10 @@ def test_shapes_and_factor_check():
     assert (cfg.latent_channels, cfg.out_channels, cfg.upsample_factor) == (4, 1, 4)
     with pytest.raises(ValueError, match="upsample 2x but the autoencoder downsamples 4x; give 3 widths"):
         config_for(AE_PRESETS["fashion-mnist"], channels=(16, 8))
+    patched = dataclasses.replace(AE_PRESETS["fashion-mnist"], block_out_channels=(32, 64), patch_size=2)
+    assert config_for(patched, channels=(16, 8, 4)).upsample_factor == 4  # two levels, but factor 4 all the same
+    with pytest.raises(ValueError, match="give 3 widths"):
+        config_for(patched, channels=(16, 8))
     with pytest.raises(ValueError, match="one positive width per resolution"):
         FastDecoderConfig(channels=())
 
