@@ -63,3 +63,13 @@ def test_preset_lookup():
     assert preset({"tiny": 1, "big": 2}, "big") == 2
     with pytest.raises(ConfigError, match="available: big, tiny"):
         preset({"tiny": 1, "big": 2}, "huge")
+
+
+def test_cli_options_are_not_abbreviated(capsys):
+    # argparse's prefix matching once read `train eval-classifier --data fashion-mnist` as --data-dir=fashion-mnist
+    # and failed later on a missing folder; an option a command lacks must be refused where it is typed
+    from ldmkit.train.eval_classifier import main
+    with pytest.raises(SystemExit) as e:
+        main(["--data", "fashion-mnist", "--out", "unused"])
+    assert e.value.code == 2
+    assert "unrecognized arguments: --data fashion-mnist" in capsys.readouterr().err

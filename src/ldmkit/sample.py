@@ -32,7 +32,7 @@ def parse_interval(text: str | None):
 
 def build_parser() -> argparse.ArgumentParser:
     from ldmkit.diffusion.samplers import SAMPLERS
-    p = argparse.ArgumentParser(prog="ldmkit sample", description=__doc__.splitlines()[0],
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="ldmkit sample", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("pipeline", help="pipeline directory (pipeline.json + stage directories)")
     p.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable); '' = unconditional")

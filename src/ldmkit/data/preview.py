@@ -53,7 +53,7 @@ def caption_grid(images: np.ndarray, captions: list[str], cols: int | None = Non
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ldmkit data preview",
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="ldmkit data preview",
                                 description="Write a grid of dataset images with their captions (a labelled PNG).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("data", metavar="DATA",

@@ -201,7 +201,7 @@ def find_eval_classifier(path: str | Path) -> Path | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="ldmkit autoencoder eval", description=__doc__.splitlines()[0],
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="ldmkit autoencoder eval", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("dir", help="autoencoder stage directory, or a pipeline directory with autoencoder/")
     p.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST idx files")

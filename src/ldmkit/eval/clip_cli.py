@@ -182,7 +182,7 @@ def quick_metrics(model, spec: str, ds, n: int) -> dict:
 
 
 def eval_main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="ldmkit clip eval", description=__doc__.splitlines()[0],
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="ldmkit clip eval", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("dir", help="CLIP stage directory, or a pipeline directory containing clip/")
     p.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST idx files")
@@ -205,7 +205,7 @@ def eval_main(argv: list[str] | None = None) -> int:
 
 # ----------------------------------------------------------------------------- embed / score
 def embed_main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="ldmkit clip embed", description="print CLIP text embeddings (unit-norm, "
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="ldmkit clip embed", description="print CLIP text embeddings (unit-norm, "
                                 "the pooled vector the denoiser sees) of prompts")
     p.add_argument("dir", help="CLIP stage directory, or a pipeline directory containing clip/")
     p.add_argument("prompts", nargs="+", help="prompts to embed")
@@ -241,7 +241,7 @@ def to_model_resolution(images: np.ndarray, size: int, channels: int, source: st
 
 
 def score_main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="ldmkit clip score", description="CLIP score (100 * max(cos, 0), Hessel et "
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="ldmkit clip score", description="CLIP score (100 * max(cos, 0), Hessel et "
                                 "al. 2021) of an npz's images against its prompts")
     p.add_argument("dir", help="CLIP stage directory, or a pipeline directory containing clip/")
     p.add_argument("samples", help="npz with images (uint8 N x H x W x C, native size) and prompts (unicode)")

@@ -66,7 +66,7 @@ def score_file(samples: str | Path, classifier: str | Path, data_dir: str | None
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="ldmkit eval", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="ldmkit eval", description=__doc__.splitlines()[0])
     p.add_argument("samples", help="npz with images (uint8 N x 28 x 28 x 1) and optional labels (int64, -1 = none)")
     p.add_argument("--classifier", required=True,
                    help="eval-classifier stage directory, or a pipeline directory containing eval-classifier/")

@@ -14,7 +14,7 @@ def train_parser(prog: str, description: str, presets: Mapping[str, object], def
                  data: bool = True, preset_by_data=None) -> argparse.ArgumentParser:
     """The arguments every training command shares. With `preset_by_data` (data spec -> preset name) the default
     preset is "auto": chosen from the resolved --data by `resolve_config`."""
-    p = argparse.ArgumentParser(prog=prog, description=description,
+    p = argparse.ArgumentParser(allow_abbrev=False, prog=prog, description=description,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     if data:
         p.add_argument("--data", default="auto",

@@ -61,7 +61,7 @@ PRESETS = {
 def main(argv: list[str] | None = None) -> int:
     import argparse
     from ldmkit.config import apply_overrides, preset
-    p = argparse.ArgumentParser(prog="ldmkit train distill", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="ldmkit train distill", description=__doc__.splitlines()[0])
     p.add_argument("--pipeline", required=True, help="pipeline directory (its denoiser is the teacher)")
     p.add_argument("--preset", default="fashion-mnist", choices=sorted(PRESETS))
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

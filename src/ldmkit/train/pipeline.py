@@ -136,7 +136,7 @@ def write_pipeline_json(out: Path, pp: PipelinePreset, ds) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="ldmkit train pipeline", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="ldmkit train pipeline", description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="fashion-mnist", choices=sorted(PRESETS))
     p.add_argument("--out", required=True, help="pipeline directory")
     p.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST idx files")
