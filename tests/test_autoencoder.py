@@ -136,6 +136,27 @@ def test_folded_upsample_equals_nearest_then_conv(shape, out_ch):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
 
 
+
+def test_small_attention_equals_sdpa_and_both_paths_agree(monkeypatch):
+    """The explicit attention of small CPU maps against torch's fused kernel (float64: values and gradients), and
+    the mid block's output on either side of the size cap (the fused path above it)."""
+    from ldmkit.autoencoder import vae
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 10, 6, dtype=torch.float64, generator=g, requires_grad=True) for _ in range(3))
+    out, ref = vae.small_attention(q, k, v), F.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
+    gy = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(out, [q, k, v], gy), torch.autograd.grad(ref, [q, k, v], gy)):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+    lo = torch.randn(2, 5, 4, dtype=torch.bfloat16, generator=g)  # bf16 in, bf16 out, float32 softmax inside
+    assert vae.small_attention(lo, lo, lo).dtype == torch.bfloat16
+    torch.manual_seed(1)
+    attn = vae.SelfAttention(SMALL, 16)
+    x = torch.randn(2, 16, 4, 4)
+    small = attn(x)
+    monkeypatch.setattr(vae, "SMALL_ATTENTION", 0)
+    torch.testing.assert_close(attn(x), small, atol=1e-6, rtol=1e-5)
+
 def test_presets_and_bad_input():
     assert {k: c.downsample_factor for k, c in PRESETS.items()} == {"tiny": 4, "fashion-mnist": 4, "shapes": 4,
                                                                     "sd": 8}

@@ -81,6 +81,20 @@ class ResnetBlock(nn.Module):
         return skip + h
 
 
+# Up to this many positions the CPU computes attention as two explicit batched matmuls: for the Fashion-MNIST
+# preset's mid block (64 positions, 128 channels, batch 32, bf16) forward + backward takes about half the time of
+# F.scaled_dot_product_attention's CPU kernels. The (HW, HW) weights then live in memory, hence the cap (64x64
+# latents of a Stable Diffusion VAE keep the fused kernel).
+SMALL_ATTENTION = 1024
+
+
+def small_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(C)) v for (B, L, C) tensors; the softmax runs in at least float32."""
+    scores = torch.bmm(q * q.shape[-1] ** -0.5, k.transpose(1, 2))  # (B, L, L)
+    weights = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
+    return torch.bmm(weights.to(v.dtype), v)  # (B, L, C)
+
+
 class SelfAttention(nn.Module):
     """Single-head spatial self-attention with a residual connection (diffusers' mid-block `Attention`)."""
 
@@ -95,7 +109,13 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
         h = self.group_norm(x).permute(0, 2, 3, 1).reshape(B, H * W, C)  # (B, HW, C), free if channels_last
-        h = F.scaled_dot_product_attention(self.to_q(h), self.to_k(h), self.to_v(h))  # softmax(qk^T/sqrt(C)) v
+        qkv = F.linear(h, torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight]),
+                       torch.cat([self.to_q.bias, self.to_k.bias, self.to_v.bias]))  # one (C, 3C) matmul
+        q, k, v = qkv.chunk(3, dim=-1)  # (B, HW, C) each
+        if x.device.type == "cpu" and H * W <= SMALL_ATTENTION:
+            h = small_attention(q, k, v)
+        else:
+            h = F.scaled_dot_product_attention(q, k, v)  # softmax(qk^T/sqrt(C)) v, memory-efficient kernels
         h = self.to_out[0](h)
         return x + h.reshape(B, H, W, C).permute(0, 3, 1, 2)  # back to (B, C, H, W), channels_last strides
 

@@ -42,6 +42,7 @@ class TrainConfig:
     lr: float = 2e-4                         # peak learning rate
     weight_decay: float = 0.0                # AdamW decoupled weight decay
     betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
+    optimizer: Literal["adamw", "muon"] = "adamw"  # muon: Muon on weight matrices, AdamW on the rest (train/muon.py)
     warmup_steps: int = 100                  # linear warmup from 0 to lr
     min_lr_ratio: float = 0.1                # cosine decays to lr * min_lr_ratio at the last step
     grad_clip: float = 1.0                   # max global grad norm; 0 disables clipping

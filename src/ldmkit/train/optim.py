@@ -35,7 +35,14 @@ def adamw(params, lr: float, betas, weight_decay: float) -> torch.optim.AdamW:
     return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, fused=fused or None)
 
 
-def make_adamw(params, tc: TrainConfig) -> torch.optim.AdamW:
+def make_adamw(params, tc: TrainConfig) -> torch.optim.Optimizer:
+    """The stage's optimizer: AdamW, or with `tc.optimizer == "muon"` Muon on the weight matrices (train/muon.py)."""
+    if tc.optimizer == "muon":
+        from ldmkit.nn import bf16_is_fast
+        from ldmkit.train.muon import MuonAdamW
+        params = list(params)
+        fast = all(bf16_is_fast(p.device.type) for p in params)
+        return MuonAdamW(params, tc.lr, tc.betas, tc.weight_decay, ns_dtype=torch.bfloat16 if fast else torch.float32)
     return adamw(params, tc.lr, tc.betas, tc.weight_decay)
 
 
