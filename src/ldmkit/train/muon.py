@@ -13,9 +13,11 @@ one-channel image conv, the latent 1x1 convs), take the AdamW update (Loshchilov
 from __future__ import annotations
 
 import torch
+from torch.optim.adam import adam
 
 MIN_SIDE = 16  # a matrix with fewer rows or columns than this takes the AdamW update
 NS_COEFFS = (3.4445, -4.7750, 2.0315)  # quintic Newton-Schulz coefficients (Jordan et al. 2024)
+FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def is_matrix(p: torch.Tensor) -> bool:
@@ -23,17 +25,18 @@ def is_matrix(p: torch.Tensor) -> bool:
 
 
 def orthogonalize(g: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """Approximately U V^T for a 2-D g = U S V^T: quintic Newton-Schulz iterations on g / ||g||_F."""
+    """Approximately U V^T for g = U S V^T, (r, c) or a batch (n, r, c) of equal shapes: quintic Newton-Schulz
+    iterations on g / ||g||_F (each matrix scaled by its own norm)."""
     a, b, c = NS_COEFFS
     x = g.to(dtype)
-    x = x / (x.norm() + 1e-7)  # singular values in [0, 1]
-    tall = x.shape[0] > x.shape[1]
+    x = x / (torch.linalg.matrix_norm(x.float(), keepdim=True).to(dtype) + 1e-7)  # singular values in [0, 1]
+    tall = x.shape[-2] > x.shape[-1]
     if tall:
-        x = x.T
+        x = x.mT
     for _ in range(steps):
-        A = x @ x.T  # (r, r) with r the smaller side
+        A = x @ x.mT  # (.., r, r) with r the smaller side
         x = a * x + (b * A + c * A @ A) @ x
-    return (x.T if tall else x).to(g.dtype)
+    return (x.mT if tall else x).to(g.dtype)
 
 
 class MuonAdamW(torch.optim.Optimizer):
@@ -54,31 +57,37 @@ class MuonAdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if group["weight_decay"]:
-                    p.mul_(1 - group["lr"] * group["weight_decay"])  # decoupled weight decay
-                (self._muon if group["muon"] else self._adamw)(p, group)
+            params = [p for p in group["params"] if p.grad is not None]
+            if params:
+                (self._muon if group["muon"] else self._adamw)(params, group)
 
-    def _muon(self, p: torch.Tensor, group: dict) -> None:
-        state, mu = self.state[p], group["momentum"]
-        if not state:
-            state["momentum"] = torch.zeros_like(p)
-        buf = state["momentum"].lerp_(p.grad, 1 - mu)
-        g = p.grad.lerp(buf, mu)  # Nesterov: look one momentum step ahead
-        m = g.reshape(g.shape[0], -1)  # (O, I*k*k)
-        u = orthogonalize(m, group["ns_steps"], self.ns_dtype)
-        p.add_(u.view_as(p), alpha=-group["lr"] * 0.2 * max(m.shape) ** 0.5)
+    def _muon(self, params: list[torch.Tensor], group: dict) -> None:
+        """Nesterov momentum, then one batched Newton-Schulz per distinct matrix shape (fewer, larger matmuls)."""
+        mu, by_shape = group["momentum"], {}
+        if group["weight_decay"]:
+            torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])  # decoupled weight decay
+        for p in params:
+            state = self.state[p]
+            if not state:
+                state["momentum"] = torch.zeros_like(p)
+            buf = state["momentum"].lerp_(p.grad, 1 - mu)
+            g = p.grad.lerp(buf, mu)  # Nesterov: look one momentum step ahead
+            by_shape.setdefault(g.shape, []).append((p, g.reshape(g.shape[0], -1)))  # (O, I*k*k)
+        for items in by_shape.values():
+            u = orthogonalize(torch.stack([m for _, m in items]), group["ns_steps"], self.ns_dtype)
+            scale = -group["lr"] * 0.2 * max(items[0][1].shape) ** 0.5
+            for (p, _), step in zip(items, u):
+                p.add_(step.view_as(p), alpha=scale)
 
-    def _adamw(self, p: torch.Tensor, group: dict) -> None:
-        state, (b1, b2) = self.state[p], group["betas"]
-        if not state:
-            state["step"] = torch.zeros(())
-            state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
-        state["step"] += 1
-        t = float(state["step"])
-        state["exp_avg"].lerp_(p.grad, 1 - b1)
-        state["exp_avg_sq"].mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
-        denom = (state["exp_avg_sq"] / (1 - b2 ** t)).sqrt_().add_(group["eps"])
-        p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / (1 - b1 ** t))
+    def _adamw(self, params: list[torch.Tensor], group: dict) -> None:
+        """torch's AdamW update (its functional form, fused where torch has it) with the state kept here."""
+        for p in params:
+            if not self.state[p]:
+                self.state[p].update(step=torch.zeros(()), exp_avg=torch.zeros_like(p),
+                                     exp_avg_sq=torch.zeros_like(p))
+        states = [self.state[p] for p in params]
+        fused = all(p.device.type in ("cpu", "cuda") and p.dtype in FUSED_DTYPES for p in params)
+        b1, b2 = group["betas"]
+        adam(params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+             [], [s["step"] for s in states], fused=fused or None, decoupled_weight_decay=True, amsgrad=False,
+             beta1=b1, beta2=b2, lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
