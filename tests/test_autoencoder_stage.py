@@ -96,9 +96,10 @@ class Stop(Exception):
     pass
 
 
-def test_resume_after_first_checkpoint_equals_uninterrupted_run(tmp_path, monkeypatch):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_after_first_checkpoint_equals_uninterrupted_run(tmp_path, monkeypatch, optimizer):
     sets = ("train.steps=8", "train.ckpt_every=4", "loss.disc_start=3", "disc_warmup_steps=2",
-            "loss.perceptual_weight=1.0")
+            "loss.perceptual_weight=1.0", f"train.optimizer={optimizer}")
     assert cli(train_args(tmp_path / "full", "shapes", *sets)) == 0
     save = common.Run.save
 

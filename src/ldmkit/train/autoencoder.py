@@ -71,6 +71,13 @@ _GAN = {"disc_weight": 0.02, "disc_start": 5100}
 # so batch 16 trains the most PSNR per second; fit_budget compresses the 6,000 steps into what 12 minutes allow.
 _FASHION_TRAIN = {"steps": 6000, "batch_size": 16, "lr": 2e-3, "warmup_steps": 200, "ema_halflife_steps": 400,
                   "min_lr_ratio": 0.02}
+# Muon for the Fashion-MNIST preset. Races on an AVX512-BF16 machine (8 minutes each at one thread, two side by side,
+# the featnet trained beforehand; PSNR and evaluation-classifier accuracy (92.29% on originals) on all 10,000 test
+# reconstructions): AdamW 24.57 dB; AdamW with beta2 0.99 25.19 dB; Muon + AdamW(beta2 0.99) 27.65 dB / 88.6%
+# (Muon at lr 4e-3: 27.27 dB); with it, LPIPS weight 0.5 25.67 dB / 87.8%; GAN weight 0.1 instead of 0.02 27.52 dB /
+# 89.7%. A Muon step costs ~40% more here (Newton-Schulz on every conv kernel), and still learns about twice as much
+# per step: by step 500 its L1 error was where AdamW's was at step 1,000.
+_MUON = {"optimizer": "muon", "betas": (0.9, 0.99)}
 # the autoencoder preset's layout with a wider 8x8 level: +8% step time, 2.7M params
 _WIDTHS = {"block_out_channels": (32, 64, 128)}
 
@@ -85,11 +92,12 @@ PRESETS = {
                              train=TrainConfig(steps=20, batch_size=16, lr=1e-3, warmup_steps=2, log_every=5,
                                                ckpt_every=10, ema_halflife_steps=5, grad_clip=0.0)),
     # 32x32 -> 8x8x4 (factor 4, 2.7M params), L1 + 1e-6 KL + 0.1 featnet LPIPS + PatchGAN (D from nominal step
-    # 3900, its term from 5100); 12 minutes, the schedule fitted to that budget (train.fit_budget)
+    # 3900, its term from 5100); 12 minutes, the schedule fitted to that budget (train.fit_budget). Optimizer: Muon on
+    # the weight matrices (train/muon.py), AdamW with beta2 0.99 on the rest, and a GAN weight of 0.1 (see _MUON)
     "fashion-mnist": AutoencoderStage(
         model=dataclasses.replace(AE_PRESETS["fashion-mnist"], **_WIDTHS),
-        loss=dataclasses.replace(LOSS_PRESETS["fashion-mnist"], **_GAN),
-        train=_train(**_FASHION_TRAIN), disc_warmup_steps=1200, **_FINAL),
+        loss=dataclasses.replace(LOSS_PRESETS["fashion-mnist"], **{**_GAN, "disc_weight": 0.1}),
+        train=_train(**_FASHION_TRAIN, **_MUON), disc_warmup_steps=1200, **_FINAL),
     # The same recipe at ~1/4 of the compute, for CPUs without fast bf16 (AVX2 laptops, where the preset above
     # trains in fp32 at ~2 steps/s and fits ~1,400 steps into 12 minutes): 2x2 pixel patches as channels
     # (patch_size 2) replace the 32x32 level, then widths 32 at 16x16 and 64 at 8x8 (0.66M params). Measured on a
