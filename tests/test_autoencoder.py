@@ -137,19 +137,20 @@ def test_folded_upsample_equals_nearest_then_conv(shape, out_ch):
 
 
 
-def test_small_attention_equals_sdpa_and_both_paths_agree(monkeypatch):
-    """The explicit attention of small CPU maps against torch's fused kernel (float64: values and gradients), and
+def test_written_out_attention_equals_sdpa_and_both_paths_agree(monkeypatch):
+    """The written-out attention of small CPU maps against torch's fused kernel (float64: values and gradients), and
     the mid block's output on either side of the size cap (the fused path above it)."""
     from ldmkit.autoencoder import vae
+    from ldmkit.nn import naive_attention
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(3, 10, 6, dtype=torch.float64, generator=g, requires_grad=True) for _ in range(3))
-    out, ref = vae.small_attention(q, k, v), F.scaled_dot_product_attention(q, k, v)
+    out, ref = naive_attention(q, k, v), F.scaled_dot_product_attention(q, k, v)
     torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
     gy = torch.randn_like(ref)
     for a, b in zip(torch.autograd.grad(out, [q, k, v], gy), torch.autograd.grad(ref, [q, k, v], gy)):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
     lo = torch.randn(2, 5, 4, dtype=torch.bfloat16, generator=g)  # bf16 in, bf16 out, float32 softmax inside
-    assert vae.small_attention(lo, lo, lo).dtype == torch.bfloat16
+    assert naive_attention(lo, lo, lo).dtype == torch.bfloat16
     torch.manual_seed(1)
     attn = vae.SelfAttention(SMALL, 16)
     x = torch.randn(2, 16, 4, 4)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldmkit.autoencoder.posterior import DiagonalGaussian
+from ldmkit.nn import naive_attention
 
 
 @dataclass(frozen=True)
@@ -81,18 +82,11 @@ class ResnetBlock(nn.Module):
         return skip + h
 
 
-# Up to this many positions the CPU computes attention as two explicit batched matmuls: for the Fashion-MNIST
-# preset's mid block (64 positions, 128 channels, batch 32, bf16) forward + backward takes about half the time of
-# F.scaled_dot_product_attention's CPU kernels. The (HW, HW) weights then live in memory, hence the cap (64x64
-# latents of a Stable Diffusion VAE keep the fused kernel).
+# Up to this many positions the CPU computes attention written out (ldmkit.nn.naive_attention): for the
+# Fashion-MNIST preset's mid block (64 positions, 128 channels, batch 32, bf16) forward + backward takes about half
+# the time of F.scaled_dot_product_attention's CPU kernels. The (HW, HW) weights then live in memory, hence the cap
+# (64x64 latents of a Stable Diffusion VAE keep the fused kernel).
 SMALL_ATTENTION = 1024
-
-
-def small_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(C)) v for (B, L, C) tensors; the softmax runs in at least float32."""
-    scores = torch.bmm(q * q.shape[-1] ** -0.5, k.transpose(1, 2))  # (B, L, L)
-    weights = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
-    return torch.bmm(weights.to(v.dtype), v)  # (B, L, C)
 
 
 class SelfAttention(nn.Module):
@@ -113,7 +107,7 @@ class SelfAttention(nn.Module):
                        torch.cat([self.to_q.bias, self.to_k.bias, self.to_v.bias]))  # one (C, 3C) matmul
         q, k, v = qkv.chunk(3, dim=-1)  # (B, HW, C) each
         if x.device.type == "cpu" and H * W <= SMALL_ATTENTION:
-            h = small_attention(q, k, v)
+            h = naive_attention(q, k, v)
         else:
             h = F.scaled_dot_product_attention(q, k, v)  # softmax(qk^T/sqrt(C)) v, memory-efficient kernels
         h = self.to_out[0](h)

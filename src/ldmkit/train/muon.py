@@ -15,9 +15,10 @@ from __future__ import annotations
 import torch
 from torch.optim.adam import adam
 
+from ldmkit.train.optim import can_fuse
+
 MIN_SIDE = 16  # a matrix with fewer rows or columns than this takes the AdamW update
 NS_COEFFS = (3.4445, -4.7750, 2.0315)  # quintic Newton-Schulz coefficients (Jordan et al. 2024)
-FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def is_matrix(p: torch.Tensor) -> bool:
@@ -86,8 +87,7 @@ class MuonAdamW(torch.optim.Optimizer):
                 self.state[p].update(step=torch.zeros(()), exp_avg=torch.zeros_like(p),
                                      exp_avg_sq=torch.zeros_like(p))
         states = [self.state[p] for p in params]
-        fused = all(p.device.type in ("cpu", "cuda") and p.dtype in FUSED_DTYPES for p in params)
         b1, b2 = group["betas"]
         adam(params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-             [], [s["step"] for s in states], fused=fused or None, decoupled_weight_decay=True, amsgrad=False,
+             [], [s["step"] for s in states], fused=can_fuse(params), decoupled_weight_decay=True, amsgrad=False,
              beta1=b1, beta2=b2, lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)

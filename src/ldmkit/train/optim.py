@@ -31,8 +31,12 @@ def adamw(params, lr: float, betas, weight_decay: float) -> torch.optim.AdamW:
     """torch's AdamW, fused (one kernel for all parameters) where torch has the fused form: on a CPU it makes the
     update ~2.7x faster than the per-parameter loop (5.5 vs 14.5 ms for the 2.7M-parameter autoencoder); same math."""
     params = list(params)
-    fused = bool(params) and all(p.device.type in ("cpu", "cuda") for p in params)
-    return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, fused=fused or None)
+    return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, fused=can_fuse(params))
+
+
+def can_fuse(params: list[torch.Tensor]) -> bool | None:
+    """True where torch has the fused AdamW kernel for every parameter's device, else None (torch's default)."""
+    return (bool(params) and all(p.device.type in ("cpu", "cuda") for p in params)) or None
 
 
 def make_adamw(params, tc: TrainConfig) -> torch.optim.Optimizer:
@@ -41,7 +45,7 @@ def make_adamw(params, tc: TrainConfig) -> torch.optim.Optimizer:
         from ldmkit.nn import bf16_is_fast
         from ldmkit.train.muon import MuonAdamW
         params = list(params)
-        fast = all(bf16_is_fast(p.device.type) for p in params)
+        fast = all(bf16_is_fast(kind) for kind in {p.device.type for p in params})
         return MuonAdamW(params, tc.lr, tc.betas, tc.weight_decay, ns_dtype=torch.bfloat16 if fast else torch.float32)
     return adamw(params, tc.lr, tc.betas, tc.weight_decay)
 
