@@ -10,7 +10,7 @@ from torch import nn
 
 from ldmkit.config import apply_overrides
 from ldmkit.train.common import TrainConfig, make_adamw
-from ldmkit.train.muon import MuonAdamW, is_matrix, orthogonalize
+from ldmkit.train.muon import NS_COEFFS, MuonAdamW, is_matrix, orthogonalize
 
 
 @pytest.mark.parametrize("shape", [(24, 80), (80, 24), (32, 32)])
@@ -27,6 +27,28 @@ def test_orthogonalize_keeps_singular_vectors_and_flattens_singular_values(shape
     assert d.min() > 0.3 and d.max() < 1.2  # the quintic iteration lands near 1, not on it
     # the update's spread is far smaller than the gradient's: max/min 100 -> under 4
     assert d.max() / d.min() < 4
+
+
+def plain_newton_schulz(g: torch.Tensor, steps: int) -> torch.Tensor:
+    """The textbook quintic iteration X <- a X + b (X X^T) X + c (X X^T)^2 X on X0 = g / ||g||_F."""
+    a, b, c = NS_COEFFS
+    x = g / (torch.linalg.matrix_norm(g, keepdim=True) + 1e-7)  # the same guard as orthogonalize
+    tall = x.shape[-2] > x.shape[-1]
+    x = x.mT if tall else x
+    for _ in range(steps):
+        A = x @ x.mT
+        x = a * x + b * A @ x + c * A @ A @ x
+    return x.mT if tall else x
+
+
+@pytest.mark.parametrize("shape", [(24, 80), (80, 24), (3, 16, 144)])
+@pytest.mark.parametrize("steps", [1, 2, 5])
+def test_gram_form_equals_the_plain_iteration(shape, steps):
+    g = torch.randn(*shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    want = plain_newton_schulz(g, steps)
+    torch.testing.assert_close(orthogonalize(g, steps, torch.float64), want, atol=1e-10, rtol=1e-10)
+    # the float32 run (what training uses) stays close to the float64 one
+    torch.testing.assert_close(orthogonalize(g.float(), steps).double(), want, atol=1e-5, rtol=1e-4)
 
 
 def test_parameter_split_and_adamw_half_matches_torch():

@@ -2,7 +2,8 @@
 
 Muon (Jordan et al. 2024, "Muon: an optimizer for hidden layers"): keep a momentum of the gradient, replace the
 (Nesterov) momentum matrix G by the nearest semi-orthogonal matrix U V^T of its SVD G = U S V^T, approximated by
-five Newton-Schulz iterations on the normalised G, and step along that. Every direction of the layer then moves by
+five Newton-Schulz iterations on the normalised G, and step along that. The iterations run on the small Gram matrix
+G G^T (see `orthogonalize`), in float32. Every direction of the layer then moves by
 the same amount, however unevenly the raw gradient spreads over them. A conv kernel (O, I, k, k) is the (O, I*k*k)
 matrix of its im2col form. The update is scaled by 0.2 * sqrt(max(O, I*k*k)) so that its RMS matches a typical AdamW
 update (Liu et al. 2025, "Muon is scalable for LLM training"), which lets both parameter kinds share one learning
@@ -25,18 +26,30 @@ def is_matrix(p: torch.Tensor) -> bool:
     return p.ndim >= 2 and min(p.shape[0], p[0].numel()) >= MIN_SIDE
 
 
-def orthogonalize(g: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """Approximately U V^T for g = U S V^T, (r, c) or a batch (n, r, c) of equal shapes: quintic Newton-Schulz
-    iterations on g / ||g||_F (each matrix scaled by its own norm)."""
+def orthogonalize(g: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Approximately U V^T for g = U S V^T, (r, c) or a batch (n, r, c) of equal shapes: `steps` quintic
+    Newton-Schulz iterations X <- (a I + b A + c A^2) X with A = X X^T, on X0 = g / ||g||_F (per matrix).
+
+    Every iterate is X_k = Q_k X0 with Q_k a polynomial in A0 = X0 X0^T (r x r, r the smaller side), and all these
+    polynomials commute, so the iteration runs on r x r matrices alone: P = a I + b A + c A^2, Q <- P Q,
+    A <- P^2 A; then X = Q X0. Two (r x r x c) products instead of two per iteration: for the 128 x 1152 conv
+    kernels of the autoencoder that makes float32 faster than the plain iteration in bfloat16, and ~1e-6 from a
+    float64 run of it instead of ~2e-2."""
     a, b, c = NS_COEFFS
     x = g.to(dtype)
-    x = x / (torch.linalg.matrix_norm(x.float(), keepdim=True).to(dtype) + 1e-7)  # singular values in [0, 1]
+    x = x / (torch.linalg.matrix_norm(x, keepdim=True) + 1e-7)  # singular values in [0, 1]
     tall = x.shape[-2] > x.shape[-1]
     if tall:
         x = x.mT
-    for _ in range(steps):
-        A = x @ x.mT  # (.., r, r) with r the smaller side
-        x = a * x + (b * A + c * A @ A) @ x
+    A = x @ x.mT
+    eye = torch.eye(A.shape[-1], dtype=dtype, device=A.device)
+    Q = None
+    for k in range(steps):
+        P = a * eye + b * A + c * (A @ A)
+        Q = P if Q is None else P @ Q
+        if k + 1 < steps:
+            A = P @ (P @ A)
+    x = x if Q is None else Q @ x
     return (x.mT if tall else x).to(g.dtype)
 
 
@@ -46,7 +59,7 @@ class MuonAdamW(torch.optim.Optimizer):
     `torch.load(weights_only=True)` like AdamW's."""
 
     def __init__(self, params, lr: float, betas=(0.9, 0.999), weight_decay: float = 0.0, momentum: float = 0.95,
-                 ns_steps: int = 5, ns_dtype: torch.dtype = torch.bfloat16, eps: float = 1e-8):
+                 ns_steps: int = 5, ns_dtype: torch.dtype = torch.float32, eps: float = 1e-8):
         params = list(params)
         groups = [{"params": [p for p in params if is_matrix(p)], "muon": True},
                   {"params": [p for p in params if not is_matrix(p)], "muon": False}]
@@ -68,17 +81,19 @@ class MuonAdamW(torch.optim.Optimizer):
         if group["weight_decay"]:
             torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])  # decoupled weight decay
         for p in params:
-            state = self.state[p]
-            if not state:
-                state["momentum"] = torch.zeros_like(p)
-            buf = state["momentum"].lerp_(p.grad, 1 - mu)
-            g = p.grad.lerp(buf, mu)  # Nesterov: look one momentum step ahead
+            if not self.state[p]:
+                self.state[p]["momentum"] = torch.zeros_like(p)
+        grads = [p.grad for p in params]
+        bufs = [self.state[p]["momentum"] for p in params]
+        torch._foreach_lerp_(bufs, grads, 1 - mu)
+        looks = torch._foreach_lerp(grads, bufs, mu)  # Nesterov: look one momentum step ahead
+        for p, g in zip(params, looks):
             by_shape.setdefault(g.shape, []).append((p, g.reshape(g.shape[0], -1)))  # (O, I*k*k)
         for items in by_shape.values():
             u = orthogonalize(torch.stack([m for _, m in items]), group["ns_steps"], self.ns_dtype)
             scale = -group["lr"] * 0.2 * max(items[0][1].shape) ** 0.5
-            for (p, _), step in zip(items, u):
-                p.add_(step.view_as(p), alpha=scale)
+            torch._foreach_add_([p for p, _ in items], [s.view_as(p) for (p, _), s in zip(items, u.unbind(0))],
+                                alpha=scale)
 
     def _adamw(self, params: list[torch.Tensor], group: dict) -> None:
         """torch's AdamW update (its functional form, fused where torch has it) with the state kept here."""

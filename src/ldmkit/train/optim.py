@@ -42,11 +42,8 @@ def can_fuse(params: list[torch.Tensor]) -> bool | None:
 def make_adamw(params, tc: TrainConfig) -> torch.optim.Optimizer:
     """The stage's optimizer: AdamW, or with `tc.optimizer == "muon"` Muon on the weight matrices (train/muon.py)."""
     if tc.optimizer == "muon":
-        from ldmkit.nn import bf16_is_fast
         from ldmkit.train.muon import MuonAdamW
-        params = list(params)
-        fast = all(bf16_is_fast(kind) for kind in {p.device.type for p in params})
-        return MuonAdamW(params, tc.lr, tc.betas, tc.weight_decay, ns_dtype=torch.bfloat16 if fast else torch.float32)
+        return MuonAdamW(params, tc.lr, tc.betas, tc.weight_decay)
     return adamw(params, tc.lr, tc.betas, tc.weight_decay)
 
 
