@@ -5,7 +5,9 @@ it, as ldmkit trains; the same optimizer for both), on a batch of images; both m
 configuration (the Fashion-MNIST preset's by default: 1 channel, 32x32, block_out_channels (32, 64, 128), one layer
 per block, 4 latent channels, GroupNorm 16), have the same parameter count, and run at the same precision. Timed in interleaved rounds (median and best), with FLOPs per step counted
 by torch.utils.flop_counter, the achieved FLOP/s and its fraction of this machine's measured fp32 peak (the faster
-of torch.mm and F.linear at 2048x2048, as in bench_backbone_speed.py). The machine's load average is recorded.
+of torch.mm and F.linear at 2048x2048, as in bench_backbone_speed.py). The speedup is given as the ratio of median
+step times and as the median (with quartiles) of the per-round ratios, each round timing the two models back to
+back, which keeps a drift of the machine's speed out of the ratio. The machine's load average is recorded.
 
     .venv/bin/python benchmarks/bench_autoencoder_speed.py [--batch 32] [--threads 2] [--precision fp32,bf16]
         [--channels-last] [--out benchmarks/results/autoencoder_speed.json]
@@ -111,6 +113,10 @@ def run(args) -> dict:
         for name in rows:
             if name != "diffusers":
                 rows[name]["speedup_vs_diffusers"] = rows["diffusers"]["ms_per_step"] / rows[name]["ms_per_step"]
+                # per round (the two steps run back to back, under the same machine state): median and quartiles
+                paired = sorted(d / t for d, t in zip(times["diffusers"], times[name]))
+                rows[name]["paired_speedup"] = {"median": statistics.median(paired),
+                                                "q25": paired[len(paired) // 4], "q75": paired[3 * len(paired) // 4]}
         result["precisions"][precision] = rows
     result["loadavg_end"] = os.getloadavg()
     return result
@@ -136,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{pk['peak']:.0f} GFLOP/s; load {result['loadavg_start'][0]:.1f} -> {result['loadavg_end'][0]:.1f}")
     for precision, rows in result["precisions"].items():
         for name, r in rows.items():
-            extra = f"  x{r['speedup_vs_diffusers']:.2f} vs diffusers" if "speedup_vs_diffusers" in r else ""
+            extra = (f"  x{r['speedup_vs_diffusers']:.2f} vs diffusers (per round: median "
+                     f"{r['paired_speedup']['median']:.2f}, quartiles {r['paired_speedup']['q25']:.2f}-"
+                     f"{r['paired_speedup']['q75']:.2f})" if "speedup_vs_diffusers" in r else "")
             print(f"  [{precision}] {name:22s} {r['params'] / 1e6:.2f}M  {r['ms_per_step']:7.1f} ms/step "
                   f"(best {r['best_ms']:.1f})  {r['img_per_s']:5.0f} img/s  {r['gflop_per_step']:5.1f} GFLOP/step  "
                   f"{100 * r['peak_fraction']:.0f}% of peak{extra}")

@@ -65,13 +65,15 @@ def write_result(result: dict, path) -> None:
 
 def time_interleaved(steps: dict, clock, warmup: int, rounds: int) -> dict[str, list[float]]:
     """Each step function `warmup` times, then `rounds` rounds of one call each, interleaved so that a change in
-    machine load hits every model alike -> {name: [seconds per call]}."""
+    machine load hits every model alike, in reversed order every other round so that no model always runs right
+    after the same one -> {name: [seconds per call]}."""
     for fn in steps.values():
         for _ in range(warmup):
             fn()
     times = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, fn in steps.items():
+    order = list(steps.items())
+    for r in range(rounds):
+        for name, fn in (order if r % 2 == 0 else order[::-1]):
             times[name].append(_timed(fn, clock))
     return times
 

@@ -75,11 +75,12 @@ _FASHION_TRAIN = {"steps": 6000, "batch_size": 16, "lr": 2e-3, "warmup_steps": 2
 # the featnet trained beforehand; PSNR and evaluation-classifier accuracy (92.29% on originals) on all 10,000 test
 # reconstructions): AdamW 24.57 dB; AdamW with beta2 0.99 25.19 dB; Muon + AdamW(beta2 0.99) 27.65 dB / 88.6%
 # (Muon at lr 4e-3: 27.27 dB); with it, LPIPS weight 0.5 25.67 dB / 87.8%; GAN weight 0.1 instead of 0.02 27.52 dB /
-# 89.7%. A Muon step costs ~40% more here (Newton-Schulz on every conv kernel), and still learns about twice as much
-# per step: by step 500 its L1 error was where AdamW's was at step 1,000. Full 12-minute runs, idle, 2 threads (PSNR /
-# classifier drop on all 10,000 test images): GAN weight 0.02 30.80 dB / 1.21 points; 0.1 30.62 / 0.99 and 30.55 /
-# 1.11 (results/autoencoder.json); 0.2 with the term from nominal step 4,500 29.14 / 1.63. AdamW (session 8): 28.31 /
-# 2.66.
+# 89.7%. A Muon step costs ~25% more here (Newton-Schulz on every conv kernel; ~40% before it ran on the Gram
+# matrix), and still learns about twice as much per step: by step 500 its L1 error was where AdamW's was at step
+# 1,000. Full 12-minute runs, idle, 2 threads (PSNR / classifier drop on all 10,000 test images): GAN weight 0.02
+# 30.80 dB / 1.21 points; 0.1 30.62 / 0.99 and 30.55 / 1.11, with the Gram-matrix Newton-Schulz (~8% more steps)
+# 30.65 / 0.93 (results/autoencoder.json) and 30.75 / 1.06; the GAN term from nominal step 4,500 30.38 / 1.11; 0.2
+# from 4,500 29.14 / 1.63. AdamW (session 8): 28.31 / 2.66. An L2 loss (8-minute race) cost 1.0 dB for 0.17 points.
 _MUON = {"optimizer": "muon", "betas": (0.9, 0.99)}
 # the autoencoder preset's layout with a wider 8x8 level: +8% step time, 2.7M params
 _WIDTHS = {"block_out_channels": (32, 64, 128)}
