@@ -96,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     stage = find_autoencoder_dir(args.run or args.train_dir)
     load_after_train = os.getloadavg()
     res = evaluate(stage, args.data_dir, 500, args.eval_classifier, png=stage / "eval_recon.png")
-    result = {"stage_dir": str(stage), "preset": "fashion-mnist", **training_facts(stage), **bench,
+    result = {"stage_dir": str(stage), "preset": "fashion-mnist", "overrides": args.overrides,
+              **training_facts(stage), **bench,
               "test_psnr_crop28": res["psnr"], "ssim": res["ssim"], "lpips": res["lpips"],
               "lpips_backbone": res["lpips_backbone"], "kl_per_channel": res["kl_per_channel"],
               "kl_floor_nats": KL_FLOOR_NATS, "active_per_channel": res["active_per_channel"],

@@ -85,7 +85,8 @@ _MUON = {"optimizer": "muon", "betas": (0.9, 0.99)}
 # The adversarial term acts in the last ~300 steps, at a small learning rate; an EMA over ~125 of them (half-life 400
 # nominal steps at the end's ~3x compression) still carries pre-GAN weights. At step 3,000 of two runs the raw weights
 # lost 0.95 and 1.08 points on the classifier, their EMA 1.37 and 1.25 (at 0.5 dB more PSNR). Half-life 150: 30.29
-# dB / 0.91 points (EMA 400 in the same session: 30.65 / 0.93 and 30.75 / 1.06).
+# dB / 0.91 points and 30.43 / 0.92 (results/autoencoder.json); EMA 400 in the same session: 30.65 / 0.93 and
+# 30.75 / 1.06.
 _SHORT_EMA = {"ema_halflife_steps": 150}
 # the autoencoder preset's layout with a wider 8x8 level: +8% step time, 2.7M params
 _WIDTHS = {"block_out_channels": (32, 64, 128)}
