@@ -78,9 +78,10 @@ _FASHION_TRAIN = {"steps": 6000, "batch_size": 16, "lr": 2e-3, "warmup_steps": 2
 # 89.7%. A Muon step costs ~25% more here (Newton-Schulz on every conv kernel; ~40% before it ran on the Gram
 # matrix), and still learns about twice as much per step: by step 500 its L1 error was where AdamW's was at step
 # 1,000. Full 12-minute runs, idle, 2 threads (PSNR / classifier drop on all 10,000 test images): GAN weight 0.02
-# 30.80 dB / 1.21 points; 0.1 30.62 / 0.99 and 30.55 / 1.11, with the Gram-matrix Newton-Schulz (~8% more steps)
-# 30.65 / 0.93 (results/autoencoder.json) and 30.75 / 1.06; the GAN term from nominal step 4,500 30.38 / 1.11; 0.2
-# from 4,500 29.14 / 1.63. AdamW (session 8): 28.31 / 2.66. An L2 loss (8-minute race) cost 1.0 dB for 0.17 points.
+# 30.80 dB / 1.21 points; 0.1 30.62 / 0.99 and 30.55 / 1.11, with the Gram-matrix Newton-Schulz (~3% more steps)
+# 30.65 / 0.93 (results/autoencoder_ema400.json) and 30.75 / 1.06; the GAN term from nominal step 4,500 30.38 /
+# 1.11; 0.2 from 4,500 29.14 / 1.63. AdamW (session 8): 28.31 / 2.66. An L2 loss (8-minute race) cost 1.0 dB for
+# 0.17 points.
 _MUON = {"optimizer": "muon", "betas": (0.9, 0.99)}
 # The adversarial term acts in the last ~300 steps, at a small learning rate; an EMA over ~125 of them (half-life 400
 # nominal steps at the end's ~3x compression) still carries pre-GAN weights. At step 3,000 of two runs the raw weights
@@ -103,7 +104,8 @@ PRESETS = {
                                                ckpt_every=10, ema_halflife_steps=5, grad_clip=0.0)),
     # 32x32 -> 8x8x4 (factor 4, 2.7M params), L1 + 1e-6 KL + 0.1 featnet LPIPS + PatchGAN (D from nominal step
     # 3900, its term from 5100); 12 minutes, the schedule fitted to that budget (train.fit_budget). Optimizer: Muon on
-    # the weight matrices (train/muon.py), AdamW with beta2 0.99 on the rest, and a GAN weight of 0.1 (see _MUON)
+    # the weight matrices (train/muon.py), AdamW with beta2 0.99 on the rest, a GAN weight of 0.1 (see _MUON) and an
+    # EMA half-life of 150 nominal steps (see _SHORT_EMA)
     "fashion-mnist": AutoencoderStage(
         model=dataclasses.replace(AE_PRESETS["fashion-mnist"], **_WIDTHS),
         loss=dataclasses.replace(LOSS_PRESETS["fashion-mnist"], **{**_GAN, "disc_weight": 0.1}),

@@ -2,10 +2,10 @@
 
 Muon (Jordan et al. 2024, "Muon: an optimizer for hidden layers"): keep a momentum of the gradient, replace the
 (Nesterov) momentum matrix G by the nearest semi-orthogonal matrix U V^T of its SVD G = U S V^T, approximated by
-five Newton-Schulz iterations on the normalised G, and step along that. The iterations run on the small Gram matrix
-G G^T (see `orthogonalize`), in float32. Every direction of the layer then moves by
-the same amount, however unevenly the raw gradient spreads over them. A conv kernel (O, I, k, k) is the (O, I*k*k)
-matrix of its im2col form. The update is scaled by 0.2 * sqrt(max(O, I*k*k)) so that its RMS matches a typical AdamW
+five Newton-Schulz iterations on the normalised G (run on the small Gram matrix G G^T in float32, see
+`orthogonalize`), and step along that. Every direction of the layer then moves by the same amount, however
+unevenly the raw gradient spreads over them. A conv kernel (O, I, k, k) is the (O, I*k*k) matrix of its im2col
+form. The update is scaled by 0.2 * sqrt(max(O, I*k*k)) so that its RMS matches a typical AdamW
 update (Liu et al. 2025, "Muon is scalable for LLM training"), which lets both parameter kinds share one learning
 rate and schedule. Parameters that are not matrices, and thin ones (fewer than `MIN_SIDE` rows or columns: a
 one-channel image conv, the latent 1x1 convs), take the AdamW update (Loshchilov & Hutter 2019).
