@@ -2,7 +2,6 @@
 determinism, zero initialisation, overfitting, and the fast linear / attention helpers against torch."""
 
 import math
-import time
 
 import pytest
 import torch
@@ -173,7 +172,7 @@ def test_tiny_model_overfits_a_small_batch(name):
     inp = inputs(model, B=8)
     target = torch.randn(8, 4, 8, 8, generator=torch.Generator().manual_seed(7))
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    start, losses = time.perf_counter(), []
+    losses = []
     for _ in range(60):
         opt.zero_grad()
         loss = F.mse_loss(run(model, inp), target)
@@ -181,7 +180,6 @@ def test_tiny_model_overfits_a_small_batch(name):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] / 5, (losses[0], losses[-1])
-    assert time.perf_counter() - start < 20
 
 
 @pytest.mark.parametrize("name", BACKBONES)
