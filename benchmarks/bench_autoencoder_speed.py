@@ -10,7 +10,7 @@ step times and as the median (with quartiles) of the per-round ratios, each roun
 back, which keeps a drift of the machine's speed out of the ratio. The machine's load average is recorded.
 
     .venv/bin/python benchmarks/bench_autoencoder_speed.py [--batch 32] [--threads 2] [--precision fp32,bf16]
-        [--channels-last] [--out benchmarks/results/autoencoder_speed.json]
+        [--channels-last] [--repeats N] [--out benchmarks/results/autoencoder_speed.json]
 """
 
 from __future__ import annotations
@@ -122,21 +122,7 @@ def run(args) -> dict:
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="bench_autoencoder_speed", description=__doc__.splitlines()[0])
-    p.add_argument("--preset", default="fashion-mnist", help="autoencoder stage or model preset")
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--precision", default="fp32,bf16", help="comma list of fp32, bf16 (bf16 = autocast)")
-    p.add_argument("--channels-last", action="store_true", help="also time ldmkit's model in channels-last layout")
-    p.add_argument("--compile", action="store_true", help="also time ldmkit's model under torch.compile")
-    p.add_argument("--rounds", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "autoencoder_speed.json"))
-    args = p.parse_args(argv)
-    if args.preset not in STAGE_PRESETS and args.preset not in AE_PRESETS:
-        p.error(f"--preset {args.preset!r}: choose one of {sorted(set(STAGE_PRESETS) | set(AE_PRESETS))}")
-    result = run(args)
+def report(result: dict) -> None:
     pk = result["peak_gflops"]
     print(f"torch {result['torch']}, {result['threads']} threads, batch {result['batch']}, peak fp32 "
           f"{pk['peak']:.0f} GFLOP/s; load {result['loadavg_start'][0]:.1f} -> {result['loadavg_end'][0]:.1f}")
@@ -148,6 +134,54 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  [{precision}] {name:22s} {r['params'] / 1e6:.2f}M  {r['ms_per_step']:7.1f} ms/step "
                   f"(best {r['best_ms']:.1f})  {r['img_per_s']:5.0f} img/s  {r['gflop_per_step']:5.1f} GFLOP/step  "
                   f"{100 * r['peak_fraction']:.0f}% of peak{extra}")
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Per precision and model: the speedup over diffusers in every run, and its min / median / max."""
+    out = {}
+    for precision, rows in runs[0]["precisions"].items():
+        for name in rows:
+            if name == "diffusers":
+                continue
+            per_run = [r["precisions"][precision][name]["speedup_vs_diffusers"] for r in runs]
+            out.setdefault(precision, {})[name] = {
+                "per_run": per_run, "min": min(per_run), "median": statistics.median(per_run), "max": max(per_run),
+                "paired_medians": [round(r["precisions"][precision][name]["paired_speedup"]["median"], 3)
+                                   for r in runs]}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="bench_autoencoder_speed", description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="fashion-mnist", help="autoencoder stage or model preset")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--precision", default="fp32,bf16", help="comma list of fp32, bf16 (bf16 = autocast)")
+    p.add_argument("--channels-last", action="store_true", help="also time ldmkit's model in channels-last layout")
+    p.add_argument("--compile", action="store_true", help="also time ldmkit's model under torch.compile")
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=1,
+                   help="run the whole measurement this many times (the machine's speed drifts between runs); the "
+                        "JSON then holds every run and the min / median / max speedup")
+    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "autoencoder_speed.json"))
+    args = p.parse_args(argv)
+    if args.preset not in STAGE_PRESETS and args.preset not in AE_PRESETS:
+        p.error(f"--preset {args.preset!r}: choose one of {sorted(set(STAGE_PRESETS) | set(AE_PRESETS))}")
+    if args.repeats < 1 or args.rounds < 1:
+        p.error(f"--repeats {args.repeats} and --rounds {args.rounds} must both be >= 1")
+    runs = []
+    for i in range(args.repeats):
+        if args.repeats > 1:
+            print(f"run {i + 1} of {args.repeats}")
+        runs.append(run(args))
+        report(runs[-1])
+    result = runs[0] if args.repeats == 1 else {"runs": runs, "speedup_summary": summarize(runs)}
+    if args.repeats > 1:
+        for precision, rows in result["speedup_summary"].items():
+            for name, s in rows.items():
+                print(f"  [{precision}] {name}: x{s['min']:.2f} / {s['median']:.2f} / {s['max']:.2f} vs diffusers "
+                      f"(min / median / max of {args.repeats} runs; per-round medians {s['paired_medians']})")
     write_result(result, args.out)
     return 0
 
