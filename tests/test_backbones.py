@@ -280,3 +280,25 @@ def test_sincos_2d_closed_form():
     want = torch.cat([torch.sin(r * f), torch.cos(r * f), torch.sin(c * f), torch.cos(c * f)])
     torch.testing.assert_close(pe[r * 4 + c], want)
     assert math.isclose(float(pe[0, 2]), 1.0)  # cos(0)
+
+
+def test_unet_kernels_are_channels_last_and_compute_as_contiguous_ones():
+    model = randomize(build("unet")).train()
+    kernels = [p for p in model.parameters() if p.dim() == 4 and p.shape[-1] > 1]
+    assert kernels and all(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+                            for p in kernels)
+    plain = build("unet").train()
+    plain.load_state_dict(model.state_dict())
+    plain.to(memory_format=torch.contiguous_format)
+    assert all(p.is_contiguous() for p in plain.parameters())
+    inp = inputs(model)
+    outs = []
+    for m in (model, plain):
+        y = run(m, inp)
+        y.square().mean().backward()
+        outs.append((y, [p.grad for p in m.parameters()]))
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-5, atol=1e-6)
+    for g0, g1 in zip(outs[0][1], outs[1][1]):
+        torch.testing.assert_close(g0, g1, rtol=1e-4, atol=1e-6)
+    sd = model.state_dict()
+    assert all(torch.equal(sd[k], v) for k, v in plain.state_dict().items())

@@ -229,3 +229,37 @@ def test_autocast_choices():
         common.autocast(dev, "fp16")
     with pytest.raises(ValueError, match="device"):
         common.resolve_device("tpu")
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_optimizer_state_takes_the_parameter_layout_on_resume(fused):
+    # A channels-last parameter resumed with contiguous AdamW moments (a checkpoint written before the UNet's
+    # kernels went channels-last): after match_param_layout the next step equals the uninterrupted run's.
+    g = torch.Generator().manual_seed(0)
+    w0, g1, g2 = (torch.randn(8, 4, 3, 3, generator=g) for _ in range(3))
+
+    def param():
+        return nn.Parameter(w0.clone().contiguous(memory_format=torch.channels_last))
+
+    def opt_for(p):
+        return torch.optim.AdamW([p], lr=0.1, fused=fused)
+
+    ref = param()
+    opt = opt_for(ref)
+    for grad in (g1, g2):
+        ref.grad = grad.clone()
+        opt.step()
+    p = param()
+    opt = opt_for(p)
+    p.grad = g1.clone()
+    opt.step()
+    sd = opt.state_dict()
+    for key in ("exp_avg", "exp_avg_sq"):
+        sd["state"][0][key] = sd["state"][0][key].contiguous()
+    opt = opt_for(p)
+    opt.load_state_dict(sd)
+    common.match_param_layout(opt)
+    assert all(opt.state[p][k].stride() == p.stride() for k in ("exp_avg", "exp_avg_sq"))
+    p.grad = g2.clone()
+    opt.step()
+    torch.testing.assert_close(p.detach(), ref.detach(), rtol=0, atol=1e-6)

@@ -1,7 +1,8 @@
 """A lean latent UNet: residual conv blocks, attention layers at low resolution, text cross-attention.
 
 Built for small latents (8x8x4) on a CPU. Choices that make it fast there, measured on a 2-core Zen 5:
-- feature maps stay channels-last from stem to output, so every conv runs on oneDNN's fast path;
+- feature maps stay channels-last from stem to output, and so do the conv kernels, so every conv runs on
+  oneDNN's fast path without a layout conversion;
 - every token-wise linear layer (attention projections, MLPs, context keys/values) is a `ConvLinear`: the same
   parameters as `nn.Linear`, computed as a 1x1 convolution over channels-last memory, ~1.7x faster forward +
   backward than `addmm` on CPU. Channels-last feature maps *are* token tensors (B, H*W, C) in memory, so moving
@@ -293,6 +294,10 @@ class UNet(nn.Module):
         self.out_norm = group_norm(widths[0], cfg.norm_groups)
         self.out = nn.Conv2d(widths[0], cfg.out_channels, 3, padding=1)
         self.initialize_weights()
+        # Conv kernels stored channels-last like the feature maps: otherwise oneDNN converts every kernel on every
+        # forward and backward call (~2% of a training step, fashion-mnist preset, batch 128, fp32). Same values,
+        # same state_dict (safetensors files are written contiguous).
+        self.to(memory_format=torch.channels_last)
 
     def initialize_weights(self):
         """All special initialisation: residual-branch outputs and the final conv start at zero (identity blocks,

@@ -30,8 +30,8 @@ from ldmkit.checkpoint import (load_safetensors, load_state, provenance, read_js
 from ldmkit.config import to_dict
 from ldmkit.nn import bf16_is_fast
 from ldmkit.train.budget import PLAN_FILE, BudgetPlan
-from ldmkit.train.optim import (adamw, clip_grad, ema_update, lr_at, make_adamw, set_lr,  # noqa: F401 (re-exported)
-                                unwrap)
+from ldmkit.train.optim import (adamw, clip_grad, ema_update, lr_at, make_adamw,  # noqa: F401 (re-exported)
+                                match_param_layout, set_lr, unwrap)
 from ldmkit.train.distributed import all_reduce_mean, init_distributed, wrap_ddp  # noqa: F401 (re-exported)
 
 
@@ -206,6 +206,7 @@ class Run:
                 unwrap(m).load_state_dict(st["modules"][name])
             for name, o in optimizers.items():
                 o.load_state_dict(st["optimizers"][name])
+                match_param_layout(o)
             torch.set_rng_state(st["rng"]["torch"])
             random.setstate(_to_tuple(st["rng"]["python"]))
             self._append_log_trim(st["step"])

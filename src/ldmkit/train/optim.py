@@ -1,4 +1,5 @@
-"""Per-step optimisation helpers of the stage loops: learning-rate schedule, AdamW, gradient norm and clipping, EMA.
+"""Per-step optimisation helpers of the stage loops: learning-rate schedule, AdamW, gradient norm and clipping, EMA,
+optimizer state layout.
 Re-exported by `ldmkit.train.common`, where the stages reach them."""
 
 from __future__ import annotations
@@ -66,6 +67,20 @@ def ema_update(ema: nn.Module, model: nn.Module, halflife_steps: float) -> None:
     torch._foreach_lerp_(e_params, m_params, weight)
     for eb, mb in zip(ema.buffers(), model.buffers()):
         eb.copy_(mb)
+
+
+def match_param_layout(optimizer: torch.optim.Optimizer) -> None:
+    """Give every optimizer state tensor shaped like its parameter the parameter's memory layout, in place.
+
+    `Optimizer.load_state_dict` keeps the strides the state was saved with, and the CPU's fused AdamW walks
+    parameter, gradient and state as flat memory: a channels-last parameter (the UNet's kernels) with a contiguous
+    exp_avg (a checkpoint written before they were channels-last) would be updated with the wrong elements."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            for key, v in state.items():
+                if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
+                    state[key] = torch.empty_like(p, dtype=v.dtype).copy_(v)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
