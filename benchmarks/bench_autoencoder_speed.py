@@ -29,7 +29,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_backbone_speed import measure_peak, time_interleaved, write_result  # noqa: E402
+from bench_backbone_speed import measure_peak, repeat_runs, time_interleaved, write_result  # noqa: E402
 
 from ldmkit.autoencoder.vae import PRESETS as AE_PRESETS  # noqa: E402
 from ldmkit.autoencoder.vae import AutoencoderKL  # noqa: E402
@@ -136,21 +136,6 @@ def report(result: dict) -> None:
                   f"{100 * r['peak_fraction']:.0f}% of peak{extra}")
 
 
-def summarize(runs: list[dict]) -> dict:
-    """Per precision and model: the speedup over diffusers in every run, and its min / median / max."""
-    out = {}
-    for precision, rows in runs[0]["precisions"].items():
-        for name in rows:
-            if name == "diffusers":
-                continue
-            per_run = [r["precisions"][precision][name]["speedup_vs_diffusers"] for r in runs]
-            out.setdefault(precision, {})[name] = {
-                "per_run": per_run, "min": min(per_run), "median": statistics.median(per_run), "max": max(per_run),
-                "paired_medians": [round(r["precisions"][precision][name]["paired_speedup"]["median"], 3)
-                                   for r in runs]}
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench_autoencoder_speed", description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="fashion-mnist", help="autoencoder stage or model preset")
@@ -170,18 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--preset {args.preset!r}: choose one of {sorted(set(STAGE_PRESETS) | set(AE_PRESETS))}")
     if args.repeats < 1 or args.rounds < 1:
         p.error(f"--repeats {args.repeats} and --rounds {args.rounds} must both be >= 1")
-    runs = []
-    for i in range(args.repeats):
-        if args.repeats > 1:
-            print(f"run {i + 1} of {args.repeats}")
-        runs.append(run(args))
-        report(runs[-1])
-    result = runs[0] if args.repeats == 1 else {"runs": runs, "speedup_summary": summarize(runs)}
-    if args.repeats > 1:
-        for precision, rows in result["speedup_summary"].items():
-            for name, s in rows.items():
-                print(f"  [{precision}] {name}: x{s['min']:.2f} / {s['median']:.2f} / {s['max']:.2f} vs diffusers "
-                      f"(min / median / max of {args.repeats} runs; per-round medians {s['paired_medians']})")
+    result = repeat_runs(lambda: run(args), report, args.repeats)
     write_result(result, args.out)
     return 0
 

@@ -11,7 +11,8 @@ Reference models: "diffusers" is the layout used in DESIGN.md section 6 (two lev
 block_out_channels (c0, 2 c0), layers_per_block=1); "diffusers-same-layout" mirrors our UNet preset's levels, width
 multipliers and attention placement. For both, c0 is chosen to match our UNet preset's parameter count.
 
-    python benchmarks/bench_backbone_speed.py [--batch 128] [--threads 2] [--precision fp32,bf16] [--out PATH]
+    python benchmarks/bench_backbone_speed.py [--batch 128] [--threads 2] [--precision fp32,bf16] [--repeats N]
+        [--out PATH]
     python benchmarks/bench_backbone_speed.py --threads 1 --clock cpu --out benchmarks/results/backbone_speed_cpu1.json
 """
 
@@ -61,6 +62,31 @@ def write_result(result: dict, path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
+
+
+def repeat_runs(run, report, repeats: int) -> dict:
+    """`run()` `repeats` times (the machine's speed drifts between runs), `report` each result -> the single result,
+    or {"runs": [...], "speedup_summary": {precision: {model: {key: per_run, min, median, max}}}} over every
+    `speedup_vs_*` figure, printed as min / median / max."""
+    runs = []
+    for i in range(repeats):
+        if repeats > 1:
+            print(f"run {i + 1} of {repeats}")
+        runs.append(run())
+        report(runs[-1])
+    if repeats == 1:
+        return runs[0]
+    summary = {}
+    for precision, rows in runs[0]["precisions"].items():
+        for name, row in rows.items():
+            for key in (k for k in row if k.startswith("speedup_vs_")):
+                per_run = [r["precisions"][precision][name][key] for r in runs]
+                summary.setdefault(precision, {}).setdefault(name, {})[key] = {
+                    "per_run": per_run, "min": min(per_run), "median": statistics.median(per_run),
+                    "max": max(per_run)}
+                print(f"  [{precision}] {name} {key[11:]}: x{min(per_run):.2f} / {statistics.median(per_run):.2f} / "
+                      f"{max(per_run):.2f} (min / median / max of {repeats} runs)")
+    return {"runs": runs, "speedup_summary": summary}
 
 
 def time_interleaved(steps: dict, clock, warmup: int, rounds: int) -> dict[str, list[float]]:
@@ -219,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--unet", default="fashion-mnist", choices=sorted(UNET_PRESETS))
     p.add_argument("--dit", default="fashion-mnist", choices=sorted(DIT_PRESETS))
+    p.add_argument("--repeats", type=int, default=1,
+                   help="run the whole measurement this many times; the JSON then holds every run and the min / "
+                        "median / max of each speedup")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "backbone_speed.json"))
     args = p.parse_args(argv)
     if args.clock == "cpu" and args.threads != 1:
@@ -226,9 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     for prec in args.precision.split(","):
         if prec not in ("fp32", "bf16"):
             p.error(f"--precision {prec!r}: use fp32 or bf16 (fp16 runs at ~1 GFLOP/s on CPU)")
-    result = run(args)
-    print_report(result)
-    write_result(result, args.out)
+    if args.repeats < 1 or args.rounds < 1:
+        p.error(f"--repeats {args.repeats} and --rounds {args.rounds} must both be >= 1")
+    write_result(repeat_runs(lambda: run(args), print_report, args.repeats), args.out)
     return 0
 
 
