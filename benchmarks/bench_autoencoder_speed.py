@@ -29,7 +29,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_backbone_speed import measure_peak, repeat_runs, time_interleaved, write_result  # noqa: E402
+from bench_backbone_speed import (measure_peak, positive_int, repeat_runs, time_interleaved,  # noqa: E402
+                                  write_result)
 
 from ldmkit.autoencoder.vae import PRESETS as AE_PRESETS  # noqa: E402
 from ldmkit.autoencoder.vae import AutoencoderKL  # noqa: E402
@@ -144,17 +145,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", default="fp32,bf16", help="comma list of fp32, bf16 (bf16 = autocast)")
     p.add_argument("--channels-last", action="store_true", help="also time ldmkit's model in channels-last layout")
     p.add_argument("--compile", action="store_true", help="also time ldmkit's model under torch.compile")
-    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--rounds", type=positive_int, default=10)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--repeats", type=int, default=1,
+    p.add_argument("--repeats", type=positive_int, default=1,
                    help="run the whole measurement this many times (the machine's speed drifts between runs); the "
                         "JSON then holds every run and the min / median / max speedup")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "autoencoder_speed.json"))
     args = p.parse_args(argv)
     if args.preset not in STAGE_PRESETS and args.preset not in AE_PRESETS:
         p.error(f"--preset {args.preset!r}: choose one of {sorted(set(STAGE_PRESETS) | set(AE_PRESETS))}")
-    if args.repeats < 1 or args.rounds < 1:
-        p.error(f"--repeats {args.repeats} and --rounds {args.rounds} must both be >= 1")
     result = repeat_runs(lambda: run(args), report, args.repeats)
     write_result(result, args.out)
     return 0

@@ -56,6 +56,17 @@ def _timed(fn, clock) -> float:
     return clock() - t0
 
 
+def positive_int(text: str) -> int:
+    """argparse type for counts such as --rounds and --repeats: an int >= 1."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return n
+
+
 def write_result(result: dict, path) -> None:
     """The benchmark's JSON at `path` (folders created), and say so."""
     out = Path(path)
@@ -241,11 +252,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="cpu = this process's CPU time; use with --threads 1 on a machine shared with other jobs, "
                         "where wall time mostly measures the other jobs (and 2-thread barriers wait for them)")
-    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--rounds", type=positive_int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--unet", default="fashion-mnist", choices=sorted(UNET_PRESETS))
     p.add_argument("--dit", default="fashion-mnist", choices=sorted(DIT_PRESETS))
-    p.add_argument("--repeats", type=int, default=1,
+    p.add_argument("--repeats", type=positive_int, default=1,
                    help="run the whole measurement this many times; the JSON then holds every run and the min / "
                         "median / max of each speedup")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "backbone_speed.json"))
@@ -255,8 +266,6 @@ def main(argv: list[str] | None = None) -> int:
     for prec in args.precision.split(","):
         if prec not in ("fp32", "bf16"):
             p.error(f"--precision {prec!r}: use fp32 or bf16 (fp16 runs at ~1 GFLOP/s on CPU)")
-    if args.repeats < 1 or args.rounds < 1:
-        p.error(f"--repeats {args.repeats} and --rounds {args.rounds} must both be >= 1")
     write_result(repeat_runs(lambda: run(args), print_report, args.repeats), args.out)
     return 0
 
