@@ -24,7 +24,7 @@ class Stop(Exception):
 
 
 def toy_train(out, cfg=ToyConfig(), resume=False, stop_after=None, poison_at=None, clock=None, lrs=None,
-              costly_from=None, replan=True):
+              costly_from=None, replan=True, stalls=None):
     """A miniature stage loop written the way every ldmkit stage is (dropout makes it consume RNG)."""
     tc = cfg.train
     run = common.start_run(out, cfg, tc, "toy", data="synthetic", resume=resume, progress=False)
@@ -46,6 +46,7 @@ def toy_train(out, cfg=ToyConfig(), resume=False, stop_after=None, poison_at=Non
             run.replan_at(step, costly_from)  # as CLIP does when its text tower unlocks
         if clock is not None:
             clock.t += 1.5 if costly else 1.0  # a step takes one second of the fake clock (1.5 s once costly)
+            clock.t += (stalls or {}).get(step, 0.0)  # the machine stalls (another process, the VM)
         loss = ((model(x[idx]) - y[idx]) ** 2).mean()
         if poison_at is not None and step == poison_at:
             loss = loss * float("nan")
@@ -139,14 +140,17 @@ def test_replan_fits_the_rest_of_the_schedule_when_steps_cost_more(tmp_path, mon
     assert m["steps_done"] == 43 and not m["stopped_early"] and m["train_seconds"] == 56.0 <= 60
     assert lrs[31] == pytest.approx(common.lr_at(31 * r0, tc))  # before the re-plan: the first ratio
     assert lrs[42] == pytest.approx(common.lr_at(n + 10 * r, tc)) and lrs[42] < 0.12 * tc.lr  # the schedule's end
-    # without the stage's call the periodic re-timing (at a quarter of the first plan, step 15 + 10) catches the
-    # change later: steps 28-39 timed, 51.5 s spent at step 40, 3 steps left for nominal 71.4 .. 100
+    # without the stage's call the periodic re-timing catches the change: it is due at a quarter of the first plan
+    # (step 15 + 10) and times every step since the first plan (steps 15-26 once 12 are done): their median is
+    # 1.5 s (steps 15 and 16 took 1 s); 32 s spent at step 27, 24.4 s buy 16 more steps. The half-way re-timing
+    # (due at step 35, steps 27-38) finds the same cost and keeps the end
     clock.t = 0.0
     toy_train(tmp_path / "c", cfg, clock=clock, costly_from=30, replan=False)
     m = read_json(tmp_path / "c" / "metrics.json")
-    (a2, n2, r2), = read_json(tmp_path / "c" / "plan.json")["segments"]
+    (a2, n2, r2), (a3, _, r3) = read_json(tmp_path / "c" / "plan.json")["segments"]
     assert not m["stopped_early"] and m["steps_done"] == 43 and m["train_seconds"] == 56.0
-    assert a2 == 40 and n2 == pytest.approx(40 * r0) and r2 == pytest.approx((100 - 40 * r0) / 3)
+    assert a2 == 27 and n2 == pytest.approx(27 * r0) and r2 == pytest.approx((100 - 27 * r0) / 16)
+    assert a3 == 39 and r3 == pytest.approx(r2)
     # with neither, the guard stops the run before step 45 (59 s spent, a 1.5 s step would end past 60 s), at
     # nominal step ~80, its schedule unfinished
     monkeypatch.setattr(budget, "REPLAN_FRACTIONS", ())
@@ -164,6 +168,22 @@ def test_replan_fits_the_rest_of_the_schedule_when_steps_cost_more(tmp_path, mon
     assert read_json(tmp_path / "b" / "plan.json")["segments"] == plan["segments"]
     for p, q in zip(ema.state_dict().values(), res_ema.state_dict().values()):
         assert torch.equal(p, q)
+
+
+def test_a_stall_at_a_replan_does_not_shrink_the_run(tmp_path, monkeypatch):
+    """Steps 20-22 take 5 s instead of 1 (a stall of 12 s) just before the periodic re-timing (due at step 25).
+    The re-plan at step 27 reads the median of steps 15-26 (1 s), not their mean (2 s), and the run uses its
+    budget: 27 + 12 = 39 s spent, 17.4 s left, 17 more steps (the mean would have planned 8 and ended at 47 s)."""
+    clock = FakeClock()
+    monkeypatch.setattr(common.time, "perf_counter", clock)
+    tc = replace(ToyConfig().train, steps=100, warmup_steps=10, max_minutes=1.0, fit_budget=True)
+    toy_train(tmp_path / "a", ToyConfig(train=tc), clock=clock, stalls={20: 4.0, 21: 4.0, 22: 4.0})
+    plan = read_json(tmp_path / "a" / "plan.json")
+    (a, n, r), (a2, _, r2) = plan["segments"]
+    assert a == 27 and r == pytest.approx((100 - 27 * 100 / 56) / 17) and plan["steps"] == 44
+    assert a2 == 39 and r2 == pytest.approx(r) and plan["step_seconds"] == pytest.approx(1.0)
+    m = read_json(tmp_path / "a" / "metrics.json")
+    assert m["steps_done"] == 44 and not m["stopped_early"] and m["train_seconds"] == 56.0
 
 
 def test_fit_to_budget_counts():
