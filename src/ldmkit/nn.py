@@ -57,10 +57,65 @@ def sum_flat(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(1).sum(1)
 
 
-def group_norm(channels: int, groups: int = 32, eps: float = 1e-6) -> nn.GroupNorm:
+class _GroupNormNHWC(torch.autograd.Function):
+    """GroupNorm of a channels-last (B, C, H, W) float32/float64 map, computed on its (B, HW, C) view.
+
+    Statistics are two-pass (group means, then the mean square of the centred map), and the centred map is what the
+    backward keeps: dx = A dy + P xc + Q with per-(example, channel) A = w rstd and per-group P, Q from the channel
+    sums of dy and dy * xc."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, groups: int, eps: float):
+        B, C, H, W = x.shape
+        k, n = C // groups, H * W * C // groups  # channels and elements per group
+        xv = x.permute(0, 2, 3, 1).reshape(B, H * W, C)  # a view of channels-last memory
+        mean = xv.sum(1).view(B, groups, k).sum(-1) / n  # (B, G)
+        xc = xv - mean.repeat_interleave(k, 1)[:, None]  # (B, HW, C) centred
+        rstd = torch.rsqrt(xc.square().sum(1).view(B, groups, k).sum(-1) / n + eps)  # (B, G)
+        scale = rstd.repeat_interleave(k, 1) * weight  # (B, C)
+        ctx.save_for_backward(xc, weight, rstd)
+        ctx.groups = groups
+        return torch.addcmul(bias, xc, scale[:, None]).view(B, H, W, C).permute(0, 3, 1, 2)
+
+    @staticmethod
+    def backward(ctx, dy):
+        xc, weight, rstd = ctx.saved_tensors
+        G = ctx.groups
+        B, HW, C = xc.shape
+        H, W = dy.shape[2:]
+        k, n = C // G, HW * C // G
+        dyv = dy.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).reshape(B, HW, C)
+        sum_dy = dyv.sum(1)  # (B, C)
+        sum_dy_xc = (dyv * xc).sum(1)  # (B, C)
+        g_dy = (weight * sum_dy).view(B, G, k).sum(-1)  # (B, G): group sums of dy * w and dy * w * xc
+        g_dy_xc = (weight * sum_dy_xc).view(B, G, k).sum(-1)
+        p = (-rstd.pow(3) * g_dy_xc / n).repeat_interleave(k, 1)  # (B, C) coefficient of xc
+        q = (-rstd * g_dy / n).repeat_interleave(k, 1)  # (B, C) constant
+        a = rstd.repeat_interleave(k, 1) * weight  # (B, C) coefficient of dy
+        dx = torch.addcmul(q[:, None], xc, p[:, None]).addcmul_(dyv, a[:, None])
+        d_weight = (sum_dy_xc * rstd.repeat_interleave(k, 1)).sum(0)
+        return dx.view(B, H, W, C).permute(0, 3, 1, 2), d_weight, sum_dy.sum(0), None, None
+
+
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm (same parameters and state dict) that on the CPU normalises channels-last float maps with at
+    most two channels per group on their (B, HW, C) view: torch's own channels-last kernel walks such groups one
+    strided element at a time. UNet preset, batch 128, fp32, 32 channels in 32 groups at 8x8: forward 3-4x, forward
+    + backward 2-2.8x faster; with four or more channels per group torch's kernel is as fast or faster, so it is
+    kept there, for every other layout and dtype, and off the CPU."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (x.device.type == "cpu" and x.dim() == 4 and x.dtype in (torch.float32, torch.float64)
+                and self.affine and self.num_channels // self.num_groups <= 2
+                and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()):
+            return _GroupNormNHWC.apply(x, self.weight.to(x.dtype), self.bias.to(x.dtype), self.num_groups, self.eps)
+        return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+
+
+def group_norm(channels: int, groups: int = 32, eps: float = 1e-6) -> GroupNorm:
     """GroupNorm with the largest group count <= `groups` that divides `channels`."""
     g = math.gcd(channels, groups)
-    return nn.GroupNorm(g, channels, eps=eps, affine=True)
+    return GroupNorm(g, channels, eps=eps, affine=True)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
