@@ -48,7 +48,7 @@ def test_group_norm_keeps_torch_kernel_elsewhere():
         assert torch.equal(norm(x), F.group_norm(x, groups, norm.weight, norm.bias, norm.eps))
 
 
-def test_group_norm_state_dict_is_torch_groupnorm_s():
+def test_group_norm_state_dict_loads_from_torch_groupnorm():
     ours, theirs = group_norm(64, 32), torch.nn.GroupNorm(32, 64, eps=1e-6)
     assert ours.state_dict().keys() == theirs.state_dict().keys()
-    ours.load_state_dict(theirs.state_dict())
+    ours.load_state_dict(theirs.state_dict())  # strict: same names and shapes
