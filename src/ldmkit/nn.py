@@ -91,10 +91,9 @@ class _GroupNormNHWC(torch.autograd.Function):
         g_dy_xc = (weight * sum_dy_xc).view(B, G, k).sum(-1)
         p = (-rstd.pow(3) * g_dy_xc / n).repeat_interleave(k, 1)  # (B, C) coefficient of xc
         q = (-rstd * g_dy / n).repeat_interleave(k, 1)  # (B, C) constant
-        a = rstd.repeat_interleave(k, 1) * weight  # (B, C) coefficient of dy
-        dx = torch.addcmul(q[:, None], xc, p[:, None]).addcmul_(dyv, a[:, None])
-        d_weight = (sum_dy_xc * rstd.repeat_interleave(k, 1)).sum(0)
-        return dx.view(B, H, W, C).permute(0, 3, 1, 2), d_weight, sum_dy.sum(0), None, None
+        r = rstd.repeat_interleave(k, 1)  # (B, C)
+        dx = torch.addcmul(q[:, None], xc, p[:, None]).addcmul_(dyv, (r * weight)[:, None])  # dy coefficient w rstd
+        return dx.view(B, H, W, C).permute(0, 3, 1, 2), (sum_dy_xc * r).sum(0), sum_dy.sum(0), None, None
 
 
 class GroupNorm(nn.GroupNorm):
