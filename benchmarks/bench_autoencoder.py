@@ -55,7 +55,7 @@ def training_facts(stage: Path) -> dict:
     rows = [json.loads(r) for r in (stage / "metrics.jsonl").read_text().splitlines() if r.strip()]
     ms = [r["ms_per_step"] for r in rows if "ms_per_step" in r]
     return {"train_seconds": m.get("train_seconds"), "train_wall_seconds": m.get("wall_seconds"),
-            "steps_done": m.get("steps_done"), "planned_steps": m.get("planned_steps"),
+            "steps_done": m.get("steps_done"),
             "steps_planned": cfg["train"]["steps"], "stopped_early": m.get("stopped_early"),
             "max_minutes": cfg["train"]["max_minutes"], "precision": cfg["train"]["precision"],
             "threads": cfg["train"]["threads"], "median_ms_per_step": sorted(ms)[len(ms) // 2] if ms else None,

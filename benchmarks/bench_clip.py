@@ -3,8 +3,8 @@
     .venv/bin/python benchmarks/bench_clip.py [--data fashion-mnist|shapes ...] [--run DIR ...] [--train-dir DIR]
         [--set KEY=VALUE ...] [--out benchmarks/results/clip.json]
 
-Without --run each dataset's preset is trained first (`ldmkit train clip --data D`, 8 minutes (shapes 11) with the schedule
-fitted to that budget; run it on an idle machine: the JSON records os.getloadavg() before and after and the CPU
+Without --run each dataset's preset is trained first (`ldmkit train clip --data D`, about 8 minutes (shapes 11) at the
+preset's fixed steps; run it on an idle machine: the JSON records os.getloadavg() before and after and the CPU
 time). Then `ldmkit clip eval`'s figures on the test split: Fashion-MNIST zero-shot top-1 on all 10,000 test images
 with the training templates and with the held-out templates, retrieval R@1/R@5; shapes zero-shot accuracy per
 attribute, text-to-image R@1 on captions of held-out shape-colour pairs. One JSON per call, a section per dataset.
@@ -45,7 +45,7 @@ def run_facts(stage: Path) -> dict:
     return {"stage_dir": str(stage), "steps_done": m.get("steps_done"), "steps_configured": cfg["train"]["steps"],
             "stopped_early": m.get("stopped_early"), "train_seconds": m.get("train_seconds"),
             "train_wall_seconds": m.get("wall_seconds"),
-            "max_minutes": cfg["train"]["max_minutes"], "fit_budget": cfg["train"].get("fit_budget", False),
+            "max_minutes": cfg["train"]["max_minutes"],
             "precision": m.get("precision"), "params": m.get("params"), "batch_size": cfg["train"]["batch_size"]}
 
 

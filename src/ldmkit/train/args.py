@@ -29,6 +29,8 @@ def train_parser(prog: str, description: str, presets: Mapping[str, object], def
         p.set_defaults(preset_by_data=preset_by_data)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set train.lr=3e-4 (repeatable)")
+    p.add_argument("--minutes", type=float, default=0.0, metavar="N",
+                   help="opt-in wall-clock budget: save and stop after N minutes (presets are fixed step counts)")
     p.add_argument("--out", required=True, help="stage directory to write (config, weights, metrics, state)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--init-from", default=None, metavar="DIR", help="start from the weights of another run")
@@ -40,7 +42,8 @@ def resolve_config(args: argparse.Namespace, presets: Mapping[str, T]) -> T:
     """The preset named by --preset with every --set override applied (type-checked)."""
     if args.preset == "auto":
         args.preset = args.preset_by_data(resolve_data(args.data, args.data_dir))
-    return apply_overrides(preset(presets, args.preset), args.overrides)
+    budget = [f"train.max_minutes={args.minutes}"] if getattr(args, "minutes", 0) else []
+    return apply_overrides(preset(presets, args.preset), [*budget, *args.overrides])
 
 
 def resolve_data(spec: str, data_dir: str | None = None) -> str:

@@ -57,88 +57,41 @@ def _train(**kw) -> TrainConfig:
     # grad_clip 0: the losses are per-image sums over ~1000 pixels, so gradient norms are O(1e3); clipping at 1
     # would rescale every step. Adam's updates are bounded by the learning rate anyway.
     return TrainConfig(**{"log_every": 100, "ckpt_every": 500, "sample_every": 500, "grad_clip": 0.0,
-                          "precision": "bf16", "max_minutes": 12, "fit_budget": True, **kw})
+                          "precision": "bf16", **kw})
 
 
-# The discriminator learns alone for the 1,200 steps before disc_start and its adaptively weighted term reaches the
-# autoencoder for the last ~15% of the steps, with a small weight: on 28x28 images its job is to sharpen edges, and
-# a strong term costs PSNR (the distortion-perception trade-off, Blau & Michaeli 2018). In tuning runs the switch-on
-# raised the L1 error by ~15% (weight 0.1, untrained D) and ~10% (weight 0.05, D warmed up for 700 steps).
-_GAN = {"disc_weight": 0.02, "disc_start": 5100}
-# Small batches learn more per image: for the same 38,400 images (no GAN, 1 thread each, lr 2e-3, cosine) batch 32
-# reached 24.19 dB test PSNR, batch 16 25.89 dB, batch 8 26.53 dB (lr 1.2e-3 at batch 16: 25.61; lr 4e-3 at batch
-# 32 diverged early). At 2 threads a batch-16 step costs 166 ms (97 img/s; batch 8 81 img/s, batch 32 115 img/s),
-# so batch 16 trains the most PSNR per second; fit_budget compresses the 6,000 steps into what 12 minutes allow.
-_FASHION_TRAIN = {"steps": 6000, "batch_size": 16, "lr": 2e-3, "warmup_steps": 200, "ema_halflife_steps": 400,
-                  "min_lr_ratio": 0.02}
-# Muon for the Fashion-MNIST preset. Races on an AVX512-BF16 machine (8 minutes each at one thread, two side by side,
-# the featnet trained beforehand; PSNR and evaluation-classifier accuracy (92.29% on originals) on all 10,000 test
-# reconstructions): AdamW 24.57 dB; AdamW with beta2 0.99 25.19 dB; Muon + AdamW(beta2 0.99) 27.65 dB / 88.6%
-# (Muon at lr 4e-3: 27.27 dB); with it, LPIPS weight 0.5 25.67 dB / 87.8%; GAN weight 0.1 instead of 0.02 27.52 dB /
-# 89.7%. A Muon step costs ~25% more here (Newton-Schulz on every conv kernel; ~40% before it ran on the Gram
-# matrix), and still learns about twice as much per step: by step 500 its L1 error was where AdamW's was at step
-# 1,000. Full 12-minute runs, idle, 2 threads (PSNR / classifier drop on all 10,000 test images): GAN weight 0.02
-# 30.80 dB / 1.21 points; 0.1 30.62 / 0.99 and 30.55 / 1.11, with the Gram-matrix Newton-Schulz (~3% more steps)
-# 30.65 / 0.93 (results/autoencoder_ema400.json) and 30.75 / 1.06; the GAN term from nominal step 4,500 30.38 /
-# 1.11; 0.2 from 4,500 29.14 / 1.63. AdamW (session 8): 28.31 / 2.66. An L2 loss (8-minute race) cost 1.0 dB for
-# 0.17 points.
-_MUON = {"optimizer": "muon", "betas": (0.9, 0.99)}
-# The adversarial term acts in the last ~300 steps, at a small learning rate; an EMA over ~125 of them (half-life 400
-# nominal steps at the end's ~3x compression) still carries pre-GAN weights. At step 3,000 of two runs the raw weights
-# lost 0.95 and 1.08 points on the classifier, their EMA 1.37 and 1.25 (at 0.5 dB more PSNR). Half-life 150: 30.29
-# dB / 0.91 points and 30.43 / 0.92 (results/autoencoder.json); EMA 400 in the same session: 30.65 / 0.93 and
-# 30.75 / 1.06.
-_SHORT_EMA = {"ema_halflife_steps": 150}
-# the autoencoder preset's layout with a wider 8x8 level: +8% step time, 2.7M params
-_WIDTHS = {"block_out_channels": (32, 64, 128)}
-
-# the scale factor from 5,000 training images and metrics.json's PSNR from 2,000 test images keep the end of the run
-# to seconds (`ldmkit autoencoder eval` scores all 10,000)
-_FINAL = {"stats_images": 5000, "eval_images": 2000}
-
+# The evidence behind each choice (races, ablations, per-batch-size speeds) is in docs/benchmarks.md.
 PRESETS = {
     # seconds: tests and the tiny pipelines (shapes and Fashion-MNIST; channels come from the data)
     "tiny": AutoencoderStage(model=AE_PRESETS["tiny"], loss=LOSS_PRESETS["tiny"], stats_images=256,
                              eval_images=256, grid_images=8,
                              train=TrainConfig(steps=20, batch_size=16, lr=1e-3, warmup_steps=2, log_every=5,
                                                ckpt_every=10, ema_halflife_steps=5, grad_clip=0.0)),
-    # 32x32 -> 8x8x4 (factor 4, 2.7M params), L1 + 1e-6 KL + 0.1 featnet LPIPS + PatchGAN (D from nominal step
-    # 3900, its term from 5100); 12 minutes, the schedule fitted to that budget (train.fit_budget). Optimizer: Muon on
-    # the weight matrices (train/muon.py), AdamW with beta2 0.99 on the rest, a GAN weight of 0.1 (see _MUON) and an
-    # EMA half-life of 150 nominal steps (see _SHORT_EMA)
+    # 32x32 -> 8x8x4 (factor 4, 2.7M params); about 12 minutes on 2 AVX512-BF16 cores
     "fashion-mnist": AutoencoderStage(
-        model=dataclasses.replace(AE_PRESETS["fashion-mnist"], **_WIDTHS),
-        loss=dataclasses.replace(LOSS_PRESETS["fashion-mnist"], **{**_GAN, "disc_weight": 0.1}),
-        train=_train(**{**_FASHION_TRAIN, **_MUON, **_SHORT_EMA}), disc_warmup_steps=1200, **_FINAL),
-    # The same recipe at ~1/4 of the compute, for CPUs without fast bf16 (AVX2 laptops, where the preset above
-    # trains in fp32 at ~2 steps/s and fits ~1,400 steps into 12 minutes): 2x2 pixel patches as channels
-    # (patch_size 2) replace the 32x32 level, then widths 32 at 16x16 and 64 at 8x8 (0.66M params). Measured on a
-    # 2-core AVX2 machine, 12 minutes each, 10,000 test images: 25.76 dB, SSIM 0.866, classifier 88.2% on
-    # reconstructions, against 22.85 dB, 0.787 and 84.5% for the preset above (originals: 92.5%). Races at one
-    # thread, 8 minutes side by side (test PSNR on 2,000 images): this layout 24.0 / 23.9 dB in two runs, lr 3e-3
-    # 24.1, two resnets per level 23.8, widths (48, 96) 22.8, (16, 32, 64) without patches 23.6, the preset above
-    # 19.5 and (64, 128) with patches 19.5. Per step it learns less than the preset above (4,589 steps here: 25.8
-    # dB; the preset above reached 28.3 dB in 4,767 bf16 steps on an AVX-512 machine), so where bf16 is fast the
-    # preset above is the better one.
+        model=dataclasses.replace(AE_PRESETS["fashion-mnist"], block_out_channels=(32, 64, 128)),
+        # L1 + 1e-6 KL + 0.1 LPIPS (featnet); the adaptive GAN term (weight 0.1) for the last 15% of the steps
+        loss=dataclasses.replace(LOSS_PRESETS["fashion-mnist"], disc_weight=0.1, disc_start=2800),
+        train=_train(steps=3300, batch_size=16,  # small batches learn the most PSNR per second here
+                     lr=2e-3, warmup_steps=110, min_lr_ratio=0.02,
+                     optimizer="muon", betas=(0.9, 0.99),  # Muon on weight matrices: ~2x the progress per step
+                     ema_halflife_steps=80),  # short: the EMA must carry the GAN phase's sharpening
+        disc_warmup_steps=650,  # the discriminator learns alone before its term reaches the autoencoder
+        stats_images=5000, eval_images=2000),  # keep the end of the run to seconds (`autoencoder eval`: all)
+    # For CPUs without fast bf16 (AVX2): 2x2 pixel patches as channels, widths 32 / 64 (0.66M params), AdamW
     "fashion-mnist-small": AutoencoderStage(
         model=dataclasses.replace(AE_PRESETS["fashion-mnist"], block_out_channels=(32, 64), patch_size=2),
-        loss=dataclasses.replace(LOSS_PRESETS["fashion-mnist"], **_GAN),
-        train=_train(**_FASHION_TRAIN), disc_warmup_steps=1200, **_FINAL),
-    # Shapes: 32x32 -> 16x16x4 (factor 2), L2, lr 1e-3. A shape is 6-12 pixels wide: at factor 4 the Fashion-MNIST
-    # recipe (L1 or L2, 3,000 steps in 12 minutes) reconstructed the backgrounds and drew every shape as a faint
-    # blob of the wrong colour (test PSNR 22.9 dB, nearly all of it background). In 300 plain L2 steps (batch 16,
-    # lr 1e-3) the foreground error (mean |x - x_hat| over shape pixels, [-1, 1] scale) fell to 0.49 at factor 4
-    # and 0.27 at factor 2, which reached 0.11 by step 1,000. L2 rather than L1: the L1 gradient has the same size
-    # at every pixel, so ~3,000 nearly right background pixels outvote the ~150 wrong shape pixels.
-    # 4 latent channels (36.2 dB in 12 idle minutes) still drew small stars and crosses as blobs: the shapes judge
-    # read the shape of 89.5% of its reconstructions (small shapes 75%), which capped the pipeline's samples at
-    # 87.9%. 8 channels with KL weight 1e-5 (see the loss preset): 5,588 steps in 648 s, 37.25 dB, the judge reads
-    # 92.3% of reconstructed shapes (small 80%; 1,000 training scenes) and the pipeline's samples 91.1%
-    # (results/pipeline_shapes_preset.json).
+        loss=dataclasses.replace(LOSS_PRESETS["fashion-mnist"], disc_weight=0.02, disc_start=4250),
+        train=_train(steps=5000, batch_size=16, lr=2e-3, warmup_steps=170, ema_halflife_steps=330,
+                     min_lr_ratio=0.02),
+        disc_warmup_steps=1000, stats_images=5000, eval_images=2000),
+    # Shapes: 32x32 -> 16x16x8 (factor 2: a shape is 6-12 pixels wide), L2 (see the loss preset); about 11 minutes
     "shapes": AutoencoderStage(
-        model=dataclasses.replace(AE_PRESETS["shapes"], block_out_channels=(32, 64), latent_channels=8),  # factor 2
-        loss=dataclasses.replace(LOSS_PRESETS["shapes"], **_GAN),
-        train=_train(**{**_FASHION_TRAIN, "lr": 1e-3}), disc_warmup_steps=1200, **_FINAL),
+        model=dataclasses.replace(AE_PRESETS["shapes"], block_out_channels=(32, 64), latent_channels=8),
+        loss=dataclasses.replace(LOSS_PRESETS["shapes"], disc_weight=0.02, disc_start=4750),
+        train=_train(steps=5600, batch_size=16, lr=1e-3, warmup_steps=190, ema_halflife_steps=370,
+                     min_lr_ratio=0.02),
+        disc_warmup_steps=1120, stats_images=5000, eval_images=2000),
 }
 
 
@@ -230,27 +183,24 @@ def train(cfg: AutoencoderStage, out, spec: str, ds, resume: bool = False, init_
         idx, gidx = common.batch_indices(len(ds), tc.batch_size, step, tc.seed, run.rank, run.world)
         x = ds.to_float(ds.images[idx]).to(run.device)  # (B, C, H, W) in [-1, 1]
         gen = torch.Generator(run.device).manual_seed(example_seed(tc.seed, int(gidx[0]), NOISE_STREAM))
-        at = run.nominal(step)  # the schedule's step (differs from step when the run is fitted to its budget)
-        gan_on = disc is not None and disc_factor(lc, at) > 0  # the adversarial term reaches the autoencoder
-        d_on = disc is not None and lc.uses_gan and at >= lc.disc_start - cfg.disc_warmup_steps
-        if disc is not None and lc.uses_gan:  # each discriminator phase makes a step cost more
-            run.replan_at(step, lc.disc_start - cfg.disc_warmup_steps, lc.disc_start)
-        common.set_lr(opt, common.lr_at(run.nominal(step), tc))
+        gan_on = disc is not None and disc_factor(lc, step) > 0  # the adversarial term reaches the autoencoder
+        d_on = disc is not None and lc.uses_gan and step >= lc.disc_start - cfg.disc_warmup_steps
+        common.set_lr(opt, common.lr_at(step, tc))
         if disc is not None:
             disc.requires_grad_(False)  # the generator step must not write gradients into the discriminator
         with common.autocast(run.device, tc.precision):
             recon, posterior = net(x, sample=True, generator=gen)  # z ~ q(z|x), seeded by (seed, sample index)
-            loss, terms = generator_loss(lc, x, recon, posterior, at, lpips, disc if gan_on else None,
+            loss, terms = generator_loss(lc, x, recon, posterior, step, lpips, disc if gan_on else None,
                                          model.last_layer(), logvar)
         loss.backward()
         gnorm = common.clip_grad(opt.param_groups[0]["params"], tc.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        common.ema_update(ema, model, run.halflife(tc.ema_halflife_steps))
+        common.ema_update(ema, model, tc.ema_halflife_steps)
         if d_on:
             disc.requires_grad_(True)
             with common.autocast(run.device, tc.precision):  # recon is detached inside; warm-up counts as on
-                d_loss, d_terms = discriminator_loss(lc, dnet, x, recon, max(at, lc.disc_start))
+                d_loss, d_terms = discriminator_loss(lc, dnet, x, recon, max(step, lc.disc_start))
             d_loss.backward()
             common.clip_grad(disc.parameters(), tc.grad_clip)
             optimizers["opt_disc"].step()

@@ -27,7 +27,7 @@ class ClassifierStage:
     objective: Objective = field(default_factory=lambda: Objective(kind="flow"))  # noise distribution to match
     label: str = "class"              # dataset label the classifier predicts
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        steps=3000, batch_size=128, lr=1e-3, warmup_steps=100, ema_halflife_steps=200, log_every=100,
+        steps=2600, batch_size=128, lr=1e-3, warmup_steps=90, ema_halflife_steps=175, log_every=100,
         ckpt_every=1000, weight_decay=0.05))
     autoencoder: str = ""             # autoencoder stage directory the latents come from
     autoencoder_sha256: str = ""      # its weight hash
@@ -91,7 +91,7 @@ def train(cfg: ClassifierStage, out, spec: str, ds, ae_dir: str, resume: bool = 
         noise, u, _ = draw_training_noise(tc.seed, gidx, tuple(x0.shape[1:]), 0.0, device=run.device)
         sigma = training_sigma(cfg.objective, u).to(run.device)
         finite = torch.isfinite(sigma)  # zero-terminal-SNR draws carry no information about the class
-        common.set_lr(opt, common.lr_at(run.nominal(step), tc))
+        common.set_lr(opt, common.lr_at(step, tc))
         with common.autocast(run.device, tc.precision):
             per = classifier_loss(net, x0[finite], labels[idx][finite].to(run.device), noise[finite], sigma[finite])
             loss = per.mean()
@@ -99,7 +99,7 @@ def train(cfg: ClassifierStage, out, spec: str, ds, ae_dir: str, resume: bool = 
         common.clip_grad(model.parameters(), tc.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        common.ema_update(ema, model, run.halflife(tc.ema_halflife_steps))
+        common.ema_update(ema, model, tc.ema_halflife_steps)
         run.log(step, loss=loss.item(), lr=opt.param_groups[0]["lr"])
         if run.should(tc.ckpt_every, step):
             run.save(step + 1, {"model": model, "ema": ema}, {"opt": opt}, ema.state_dict())

@@ -29,7 +29,6 @@ from ldmkit.checkpoint import (load_safetensors, load_state, provenance, read_js
                                write_json)
 from ldmkit.config import to_dict
 from ldmkit.nn import bf16_is_fast
-from ldmkit.train.budget import PLAN_FILE, BudgetPlan
 from ldmkit.train.optim import (adamw, clip_grad, ema_update, lr_at, make_adamw,  # noqa: F401 (re-exported)
                                 match_param_layout, set_lr, unwrap)
 from ldmkit.train.distributed import all_reduce_mean, init_distributed, wrap_ddp  # noqa: F401 (re-exported)
@@ -53,9 +52,7 @@ class TrainConfig:
     log_every: int = 50                      # one log line (and a metrics.jsonl row) per this many steps
     ckpt_every: int = 500                    # resume checkpoint interval (state.pt + model.safetensors)
     sample_every: int = 0                    # image grid interval during training; 0 = only at the end
-    max_minutes: float = 0.0                 # wall-clock budget; the run saves and stops when it is spent; 0 = none
-    fit_budget: bool = False                 # with max_minutes: time the first steps and shrink the whole schedule
-                                             # (steps, warmup, EMA, stage step settings) to end inside the budget
+    max_minutes: float = 0.0                 # opt-in wall-clock budget (--minutes): save and stop when spent; 0 = none
     threads: int = 0                         # torch intra-op threads; 0 keeps torch's default
     tensorboard: bool = False                # also log scalars to DIR/tb (needs the tensorboard package)
 
@@ -179,7 +176,6 @@ class Run:
         self._tb = None
         self.stopped_early = False
         self._t_trained = None  # when the step loop ended: train_seconds (wall_seconds adds the final metrics)
-        self.plan = BudgetPlan(tc.steps, tc.max_minutes, False, self._t0, None, self.print)  # steps() re-plans
         seed_everything(tc.seed)
 
     def _check_dir(self) -> None:
@@ -251,69 +247,28 @@ class Run:
     # -- loop helpers
     @property
     def total(self) -> int:
-        """Steps this run takes (fewer than configured when fitted to its budget)."""
-        return self.plan.total
-
-    @property
-    def ratio(self) -> float:
-        """Nominal steps per actual step, now."""
-        return self.plan.ratio
+        """Steps this run takes: the preset's fixed count (a --minutes budget may stop it earlier)."""
+        return self.tc.steps
 
     def steps(self, start: int, total: int) -> Iterator[int]:
-        """Step indices start..total-1 with a progress bar; stops early when another step (as long as the last
-        one) would end past `max_minutes`. With `train.fit_budget` the schedule is fitted to the budget on the way
-        (`ldmkit.train.budget`)."""
+        """Step indices start..total-1 with a progress bar. With an opt-in `max_minutes` budget the loop ends
+        before a step (as long as the last one) would finish past it; the stage then saves as usual."""
         from tqdm.auto import tqdm
         budget = self.tc.max_minutes * 60
-        fitting = self.tc.fit_budget and budget > 0
-        self.plan = BudgetPlan(total, self.tc.max_minutes, fitting, self._t0,
-                               self.dir / PLAN_FILE if self.is_main else None, self.print)
-        if fitting and self.resume and (self.dir / PLAN_FILE).is_file():
-            self.plan.resume_from(self.dir / PLAN_FILE)
-            self.info["planned_steps"] = self.total
-        self.plan.start(start)
-        self._bar = tqdm(total=self.total, initial=start, desc=self.stage,
+        self._bar = tqdm(total=total, initial=start, desc=self.stage,
                          disable=not self._progress, dynamic_ncols=True, file=sys.stderr)
         self._step_last = start
-        step = start
         t_prev = None  # when the previous step started: its length is the guess for the next one
-        while step < min(total, self.total):
+        for step in range(start, total):
             now = time.perf_counter()
             last, t_prev = (now - t_prev if t_prev is not None else 0.0), now
             if budget and now - self._t0 + last > budget:  # the next step would end past the budget
                 self.stopped_early = True
                 self.print(f"time budget of {self.tc.max_minutes} min spent at step {step}; saving and stopping")
-                self._t_trained = time.perf_counter()
-                return
-            if self.plan.before_step(step):
-                self.info["planned_steps"] = self.total
-                self._bar.total = self.total
-                self._bar.refresh()
+                break
             yield step
             self._bar.update(1)
-            step += 1
         self._t_trained = time.perf_counter()
-
-    def replan_at(self, step: int, *boundaries: float) -> None:
-        """`replan(step)` if the schedule crosses one of these nominal steps at `step` (where a stage's steps
-        start to cost more or less: a tower unlocks, a discriminator starts)."""
-        if step > 0 and any(self.nominal(step - 1) < b <= self.nominal(step) for b in boundaries):
-            self.replan(step)
-
-    def replan(self, step: int) -> None:
-        """The steps from `step` on cost differently: time a few of them and fit the rest of the schedule to the
-        budget left."""
-        self.plan.replan(step)
-
-    def nominal(self, step: int) -> float:
-        """The step of the configured schedule that actual step `step` stands for. Schedules (learning rate,
-        GAN switch-on, ...) are read at this step, so a budget-fitted run goes through the whole schedule in fewer
-        steps."""
-        return self.plan.nominal(step)
-
-    def halflife(self, steps: float) -> float:
-        """An EMA half-life in configured steps, in actual steps of this run (at the current ratio)."""
-        return steps / self.ratio
 
     def log(self, step: int, **scalars: float) -> None:
         """Record scalars for `step`; a non-finite loss stops the run; one line per `log_every` steps."""

@@ -34,8 +34,8 @@ class FastDecoderStage:
     autoencoder_sha256: str = ""      # its weight hash: the fast decoder belongs to this latent space
     eval_images: int = 2000           # held-out images for the final PSNR comparison; 0 = all
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        steps=4000, batch_size=32, lr=2e-3, warmup_steps=100, ema_halflife_steps=200, min_lr_ratio=0.02,
-        grad_clip=0.0, log_every=100, ckpt_every=500, max_minutes=6, fit_budget=True))
+        steps=3000, batch_size=32, lr=2e-3, warmup_steps=75, ema_halflife_steps=150, min_lr_ratio=0.02,
+        grad_clip=0.0, log_every=100, ckpt_every=500))
 
 
 PRESETS = {
@@ -92,7 +92,7 @@ def train(cfg: FastDecoderStage, out, spec: str, ds, ae_dir: str, resume: bool =
         idx, gidx = common.batch_indices(len(ds), tc.batch_size, step, tc.seed, run.rank, run.world)
         z = draw_latents(cache, idx, gidx, tc.seed, 1.0, 0.0).to(run.device)  # unscaled z ~ q(z|x)
         x = ds.to_float(ds.images[idx]).to(run.device)
-        common.set_lr(opt, common.lr_at(run.nominal(step), tc))
+        common.set_lr(opt, common.lr_at(step, tc))
         with common.autocast(run.device, tc.precision):
             recon = net(z)
             rec = pixel_loss(x, recon, cfg.rec)
@@ -101,7 +101,7 @@ def train(cfg: FastDecoderStage, out, spec: str, ds, ae_dir: str, resume: bool =
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        common.ema_update(ema, model, run.halflife(tc.ema_halflife_steps))
+        common.ema_update(ema, model, tc.ema_halflife_steps)
         terms = {"rec": rec.mean().item() / x[0].numel(), **({"perceptual": p.mean().item()} if p is not None else {})}
         run.log(step, loss=loss.item(), **terms, lr=opt.param_groups[0]["lr"])
         if run.should(tc.ckpt_every, step):
