@@ -3,7 +3,7 @@
 
 demo:
 	@scripts/setup.sh base
-	@scripts/demo.sh
+	@scripts/demo.sh $(DEMO_ARGS)
 
 test:
 	@scripts/setup.sh test

@@ -57,3 +57,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def tiny_fashion_pipeline(tmp_path_factory) -> Path:
+    """The tiny Fashion-MNIST pipeline with every stage, including the evaluation classifier and both students."""
+    require_fashion_mnist()
+    from ldmkit.cli import main as cli
+    out = tmp_path_factory.mktemp("pipe") / "tiny-fashion"
+    assert cli(["train", "pipeline", "--preset", "tiny-fashion", "--out", str(out), "--no-progress"]) == 0
+    return out

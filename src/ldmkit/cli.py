@@ -29,6 +29,8 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("clip", "score"): ("ldmkit.eval.clip_cli:score_main", "CLIP score of an npz of generated images"),
     ("eval",): ("ldmkit.eval.score:main", "score an npz of images with the evaluation classifier (acc, FD, P/R)"),
     ("sample",): ("ldmkit.sample:main", "generate images from prompts with a pipeline directory"),
+    ("export",): ("ldmkit.export:main", "copy a pipeline for sharing: weights only (bf16 or fp32), hashes rebound"),
+    ("demo",): ("ldmkit.demo:main", "the lecture on the bundled pipelines: an HTML report with every stage at work"),
 }
 
 
