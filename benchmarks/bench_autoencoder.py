@@ -1,6 +1,6 @@
 """Reconstruction quality of the Fashion-MNIST autoencoder preset, scored on all 10,000 test images.
 
-    .venv/bin/python benchmarks/bench_autoencoder.py --eval-classifier /tmp/evalclf [--run STAGE_DIR]
+    .venv/bin/python benchmarks/bench_autoencoder.py --eval-classifier pretrained/fashion-mnist/eval-classifier [--run STAGE_DIR]
         [--train-dir DIR] [--set KEY=VALUE ...] [--out benchmarks/results/autoencoder.json]
 
 Without --run it trains the `fashion-mnist` preset into --train-dir first (about 12 minutes on an idle 2-core CPU;
@@ -75,7 +75,7 @@ def checks(res: dict) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", default=None, help="evaluate this existing stage (or pipeline) directory; no training")
-    p.add_argument("--train-dir", default="/tmp/ldmkit-bench-autoencoder", help="where to train (without --run)")
+    p.add_argument("--train-dir", default="runs/bench-autoencoder", help="where to train (without --run)")
     p.add_argument("--set", dest="overrides", action="append", default=[], help="preset override (training)")
     p.add_argument("--eval-classifier", default=None, help="evaluation classifier stage directory")
     p.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST idx files")

@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", action="append", choices=sorted(TARGETS), help="dataset(s); default both")
     p.add_argument("--run", action="append", help="evaluate this CLIP stage, one per --data in order; no training")
-    p.add_argument("--train-dir", default="/tmp/ldmkit-bench-clip", help="where to train, one folder per dataset")
+    p.add_argument("--train-dir", default="runs/bench-clip", help="where to train, one folder per dataset")
     p.add_argument("--set", dest="overrides", action="append", default=[], help="preset override (training)")
     p.add_argument("--out", default="benchmarks/results/clip.json")
     args = p.parse_args(argv)

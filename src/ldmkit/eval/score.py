@@ -68,13 +68,18 @@ def score_file(samples: str | Path, classifier: str | Path, data_dir: str | None
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(allow_abbrev=False, prog="ldmkit eval", description=__doc__.splitlines()[0])
     p.add_argument("samples", help="npz with images (uint8 N x 28 x 28 x 1) and optional labels (int64, -1 = none)")
-    p.add_argument("--classifier", required=True,
-                   help="eval-classifier stage directory, or a pipeline directory containing eval-classifier/")
+    p.add_argument("--classifier", default="pretrained/fashion-mnist",
+                   help="eval-classifier stage directory, or a pipeline directory containing eval-classifier/ "
+                        "(default: the bundled Fashion-MNIST pipeline's)")
     p.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST idx files")
     p.add_argument("--out", default=None, help="JSON to write (default: SAMPLES with .eval.json)")
     p.add_argument("--seed", type=int, default=0, help="seed of the real-image floor subset")
     args = p.parse_args(argv)
-    result = score_file(args.samples, args.classifier, args.data_dir, args.seed)
+    classifier = args.classifier
+    if classifier == p.get_default("classifier") and not Path(classifier).exists():
+        from ldmkit.demo import find_pipeline  # the bundled pipeline, also when run outside the checkout
+        classifier = find_pipeline("fashion-mnist")
+    result = score_file(args.samples, classifier, args.data_dir, args.seed)
     out = Path(args.out) if args.out else Path(args.samples).with_suffix(".eval.json")
     write_json(out, result)
     print(json.dumps(result, indent=2))
