@@ -1,6 +1,7 @@
 """Reconstruction quality of the Fashion-MNIST autoencoder preset, scored on all 10,000 test images.
 
-    .venv/bin/python benchmarks/bench_autoencoder.py --eval-classifier pretrained/fashion-mnist/eval-classifier [--run STAGE_DIR]
+    .venv/bin/python benchmarks/bench_autoencoder.py --eval-classifier pretrained/fashion-mnist/eval-classifier
+        [--run STAGE_DIR]
         [--train-dir DIR] [--set KEY=VALUE ...] [--out benchmarks/results/autoencoder.json]
 
 Without --run it trains the `fashion-mnist` preset into --train-dir first (about 12 minutes on an idle 2-core CPU;

@@ -3,9 +3,10 @@
 One step = encode, sample the posterior, decode, L1 reconstruction + KL, backward, AdamW (fused where torch has
 it, as ldmkit trains; the same optimizer for both), on a batch of images; both models are built from the same
 configuration (the Fashion-MNIST preset's by default: 1 channel, 32x32, block_out_channels (32, 64, 128), one layer
-per block, 4 latent channels, GroupNorm 16), have the same parameter count, and run at the same precision. Timed in interleaved rounds (median and best), with FLOPs per step counted
-by torch.utils.flop_counter, the achieved FLOP/s and its fraction of this machine's measured fp32 peak (the faster
-of torch.mm and F.linear at 2048x2048, as in bench_backbone_speed.py). The speedup is given as the ratio of median
+per block, 4 latent channels, GroupNorm 16), have the same parameter count, and run at the same precision. Timed in
+interleaved rounds (median and best), with FLOPs per step counted by torch.utils.flop_counter, the achieved FLOP/s
+and its fraction of this machine's measured fp32 peak (the faster of torch.mm and F.linear at 2048x2048, as in
+bench_backbone_speed.py). The speedup is given as the ratio of median
 step times and as the median (with quartiles) of the per-round ratios, each round timing the two models back to
 back, which keeps a drift of the machine's speed out of the ratio. The machine's load average is recorded.
 
@@ -101,7 +102,7 @@ def run(args) -> dict:
         steps = {name: make_step(fns[name], models[name][1], precision) for name in models}
         times = time_interleaved(steps, clock, args.warmup, args.rounds)
         rows = {}
-        for name, (kind, m) in models.items():
+        for name, (_, m) in models.items():
             counter = FlopCounterMode(display=False)
             with counter:
                 raw[name]().backward()

@@ -118,7 +118,6 @@ def time_interleaved(steps: dict, clock, warmup: int, rounds: int) -> dict[str, 
 def make_diffusers(widths, attention, layers: int, context_dim: int, groups: int):
     from diffusers import UNet2DConditionModel
 
-    n = len(widths)
     down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention)
     up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention))
     return UNet2DConditionModel(

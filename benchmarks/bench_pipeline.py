@@ -6,9 +6,9 @@
 Fashion-MNIST, with the pipeline's default sampler and 20 steps: accuracy / FD / precision / recall of 1,000 images
 (100 per class, "a photo of a {class}") for CFG scales 0, 1, 2, 3, 5 and the preset's scale; the same with the
 held-out templates and paraphrases; classifier guidance on the unconditional path (w = 0) against classifier scale;
-each guidance variant at the preset scale (on plain CFG, beside plain CFG and rescale 0.7); image-to-image and inpainting checks on real test images; and images
-per second at 20 steps with CFG. Every figure sits beside the real-image floor and the evaluation classifier's
-weight hash, with the machine's load average.
+each guidance variant at the preset scale (on plain CFG, beside plain CFG and rescale 0.7); image-to-image and
+inpainting checks on real test images; and images per second at 20 steps with CFG. Every figure sits beside the
+real-image floor and the evaluation classifier's weight hash, with the machine's load average.
 
 Shapes (the pipeline's data is "shapes"): 1,000 canonical captions of scenes whose shape-colour pair was seen in
 training and 1,000 of held-out pairs, sampled at the preset's guidance; the shapes judge (`ldmkit train
@@ -206,7 +206,8 @@ def main(argv=None) -> int:
                                                          guidance=pipe.guidance(w0)))
     if "variants" in sections:
         # each variant on plain CFG (rescale 0) beside plain CFG itself, whatever the pipeline's default phi
-        variants = {"plain_cfg": dict(rescale=0.0), "negative_prompt": dict(negative_prompt="a blurry photo", rescale=0.0),
+        variants = {"plain_cfg": dict(rescale=0.0),
+                    "negative_prompt": dict(negative_prompt="a blurry photo", rescale=0.0),
                     "rescale_0.7": dict(rescale=0.7), "interval": dict(interval=(0.3, 5.0), rescale=0.0),
                     "apg": dict(mode="apg", rescale=0.0)}
         result["variants"] = {k: log(k, run(pipe, scorer, prompts, labels, guidance=pipe.guidance(w0, **v)))

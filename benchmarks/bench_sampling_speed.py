@@ -14,10 +14,10 @@ denoiser, `ldmkit train distill`: one network row per image and step) and `:ones
 
 Both sides draw the same images: prompts "a photo of a {class}" (`--per-class` per class), the pipeline's
 guidance scale, image i starting from the same noise (seeded by (0, i)), the same frozen text encoder, denoiser
-and autoencoder weights. The ldmkit side is `Pipeline.generate` with each (sampler, steps) in `--ldmkit` (network calls in chunks of
-`--micro-batch` rows, 64 by default as for bulk sampling). The
-diffusers side is the loop every diffusers pipeline runs: its scheduler (FlowMatchEulerDiscreteScheduler for
-"euler", DPMSolverMultistepScheduler with flow sigmas for "dpmpp-2m", both for flow-matching models), classifier-free
+and autoencoder weights. The ldmkit side is `Pipeline.generate` with each (sampler, steps) in `--ldmkit` (network
+calls in chunks of `--micro-batch` rows, 64 by default as for bulk sampling). The diffusers side is the loop every
+diffusers pipeline runs: its scheduler (FlowMatchEulerDiscreteScheduler for "euler", DPMSolverMultistepScheduler
+with flow sigmas for "dpmpp-2m", both for flow-matching models), classifier-free
 guidance on one doubled batch, then diffusers' own AutoencoderKL holding the autoencoder's weights for decoding;
 the denoiser is ldmkit's module (diffusers has no class for it), called with diffusers' timestep convention
 (t = 1000 sigma). Every configuration is timed end to end (text encoding, sampling, decoding) and scored by the
@@ -82,7 +82,8 @@ def diffusers_generate(pipe: Pipeline, vae, sampler: str, steps: int, prompts: l
         both["drop"] = torch.cat([torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)])
         sched = diffusers_scheduler(sampler)
         sched.set_timesteps(steps)
-        lat = randn((n, *pipe.latent_shape), example_generators(0, list(range(b, b + n)))) * getattr(sched, "init_noise_sigma", 1.0)
+        lat = randn((n, *pipe.latent_shape), example_generators(0, list(range(b, b + n))))
+        lat = lat * getattr(sched, "init_noise_sigma", 1.0)
         for t in sched.timesteps:
             x = torch.cat([lat, lat])
             if hasattr(sched, "scale_model_input"):
@@ -149,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     prompts, labels = class_prompts(args.per_class, None)
     vae = diffusers_vae(pipe)
     result = {"pipeline": str(root), "eval_classifier_sha256": scorer.sha, "guidance": w, "images": len(prompts),
-              "bar": args.bar, "micro_batch": args.micro_batch, "threads": torch.get_num_threads(), "loadavg_start": os.getloadavg(),
+              "bar": args.bar, "micro_batch": args.micro_batch, "threads": torch.get_num_threads(),
+              "loadavg_start": os.getloadavg(),
               **provenance(), "ldmkit": [], "diffusers": []}
 
     def timed(side, cfg, fn):
@@ -173,12 +175,12 @@ def main(argv: list[str] | None = None) -> int:
         pipe.generate(warm, guidance=pipe.distilled_guidance(), steps=1, progress=False, distilled="onestep")
     diffusers_generate(pipe, vae, "euler", 2, warm, w)
     for c in parse_configs(args.ldmkit):
-        timed("ldmkit", c, lambda: pipe.generate(prompts, guidance=pipe.guidance(w, interval=c["interval"]),
+        timed("ldmkit", c, lambda c=c: pipe.generate(prompts, guidance=pipe.guidance(w, interval=c["interval"]),
                                                  steps=c["steps"], sampler=c["sampler"], progress=False,
                                                  micro_batch=args.micro_batch, precision=c["dtype"],
                                                  decoder=c["decoder"], distilled=c["distilled"]))
     for c in parse_configs(args.diffusers, interval_ok=False):
-        timed("diffusers", c, lambda: diffusers_generate(pipe, vae, c["sampler"], c["steps"], prompts, w,
+        timed("diffusers", c, lambda c=c: diffusers_generate(pipe, vae, c["sampler"], c["steps"], prompts, w,
                                                          precision=c["dtype"]))
     best = {side: fastest_at_bar(result[side], args.bar) for side in ("ldmkit", "diffusers")}
     best["ldmkit_same_networks"] = fastest_at_bar([r for r in result["ldmkit"] if r["decoder"] == "full"

@@ -52,10 +52,10 @@ def reference_lpips(state, heads, x, y):
         return out
 
     d = 0
-    for l, (a, b) in enumerate(zip(taps(x), taps(y))):
+    for layer, (a, b) in enumerate(zip(taps(x), taps(y))):
         a = a / (a.norm(dim=1, keepdim=True) + 1e-10)
         b = b / (b.norm(dim=1, keepdim=True) + 1e-10)
-        d = d + F.conv2d((a - b) ** 2, heads[f"lin{l}.model.1.weight"]).mean(dim=(1, 2, 3))
+        d = d + F.conv2d((a - b) ** 2, heads[f"lin{layer}.model.1.weight"]).mean(dim=(1, 2, 3))
     return d
 
 

@@ -1,5 +1,6 @@
 """The training toolkit: data order, schedules, EMA, exact resume, NaN stop, distributed-free defaults."""
 
+import json
 from dataclasses import dataclass, field, replace
 
 import pytest
@@ -72,7 +73,8 @@ def test_resume_equals_uninterrupted(tmp_path):
         assert torch.equal(p, q)
     a = [r for r in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     b = [r for r in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
-    strip = lambda rows: [{k: v for k, v in __import__("json").loads(r).items() if k in ("step", "loss")} for r in rows]
+    def strip(rows):
+        return [{k: v for k, v in json.loads(r).items() if k in ("step", "loss")} for r in rows]
     assert strip(a) == strip(b)
     assert torch.equal(load_safetensors(tmp_path / "a" / "model.safetensors")["3.weight"], full_ema[3].weight)
     m = read_json(tmp_path / "a" / "metrics.json")

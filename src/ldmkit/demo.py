@@ -31,8 +31,9 @@ from ldmkit.eval.metrics import psnr
 from ldmkit.pipeline import Pipeline
 
 REPO = Path(__file__).resolve().parents[2]
-SHAPES_PROMPTS = ["a red circle in the top left", "a blue square in the bottom right", "a large yellow star in the center",
-                  "a small green triangle at the top", "a purple diamond on the left", "an orange cross on the right",
+SHAPES_PROMPTS = ["a red circle in the top left", "a blue square in the bottom right",
+                  "a large yellow star in the center", "a small green triangle at the top",
+                  "a purple diamond on the left", "an orange cross on the right",
                   "a large white circle on a navy background", "a small blue star in the bottom left"]
 SCALES = (0.0, 1.0, 2.0, 3.0, 5.0)  # CFG scales of the guidance grid (1 = conditional, 0 = unconditional)
 CURVE_KEYS = {"autoencoder": ("rec", "perceptual"), "fast-decoder": ("rec", "loss")}  # others: "loss"
@@ -115,7 +116,8 @@ def clip_section(pipe_dir: Path, n: int) -> tuple[str, dict]:
     probs = (100 * feats[:6] @ txt.T).softmax(-1)
     for i in range(6):
         p, k = probs[i].max(0)
-        i2t.append([R.img(native[i], 2), R.esc(prompts[int(k)]), f"{float(p):.2f}", R.esc(FASHION_CLASSES[int(labels[i])])])
+        truth = FASHION_CLASSES[int(labels[i])]
+        i2t.append([R.img(native[i], 2), R.esc(prompts[int(k)]), f"{float(p):.2f}", R.esc(truth)])
     stats = {"images": n, **zs}
     html = ("<p>Text goes through a tokenizer and a small transformer; images through a ViT; contrastive training "
             "(symmetric InfoNCE) puts both in one space. Classifying an image by its nearest class prompt needs "

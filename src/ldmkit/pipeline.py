@@ -58,7 +58,7 @@ def fixed_chunks(fn, micro: int = MICRO_BATCH):
         for i in range(0, n, micro):
             m = min(micro, n - i)
 
-            def take(v):
+            def take(v, i=i, m=m):
                 if not isinstance(v, torch.Tensor) or v.ndim == 0 or v.shape[0] != n:
                     return v
                 part = v[i:i + m]

@@ -86,7 +86,8 @@ def save_samples(path: str | Path, images: np.ndarray, prompts: list[str], label
     if path.suffix != ".npz":
         raise ValueError(f"--out {path} must end in .npz (arrays) or .png (a grid)")
     buf = io.BytesIO()
-    np.savez(buf, images=images, prompts=np.array(prompts, dtype=np.str_), labels=labels_for(prompts) if labels is None else labels,
+    labels = labels_for(prompts) if labels is None else labels
+    np.savez(buf, images=images, prompts=np.array(prompts, dtype=np.str_), labels=labels,
              **{k: np.array(v) for k, v in scalars.items()})
     write_bytes(path, buf.getvalue())
 

@@ -58,7 +58,7 @@ def fill_template(template: str, phrase: str) -> str:
 
 
 def fashion_prompt(class_index: int, template: str = TRAIN_TEMPLATES[0]) -> str:
-    """The prompt for a Fashion-MNIST class with one template, e.g. (9, "a photo of a {}") -> "a photo of an ankle boot"."""
+    """The prompt for a Fashion-MNIST class with one template: (9, "a photo of a {}") -> "a photo of an ankle boot"."""
     if not 0 <= int(class_index) < len(FASHION_CLASSES):
         raise ValueError(f"Fashion-MNIST class index must be in 0..9, got {class_index}")
     return fill_template(template, FASHION_CLASSES[int(class_index)])

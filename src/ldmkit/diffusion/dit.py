@@ -9,7 +9,6 @@ UNet's (`embed_condition`).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
 

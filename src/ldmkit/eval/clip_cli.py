@@ -205,8 +205,9 @@ def eval_main(argv: list[str] | None = None) -> int:
 
 # ----------------------------------------------------------------------------- embed / score
 def embed_main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(allow_abbrev=False, prog="ldmkit clip embed", description="print CLIP text embeddings (unit-norm, "
-                                "the pooled vector the denoiser sees) of prompts")
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="ldmkit clip embed",
+                                description="print CLIP text embeddings (unit-norm, the pooled vector the denoiser "
+                                            "sees) of prompts")
     p.add_argument("dir", help="CLIP stage directory, or a pipeline directory containing clip/")
     p.add_argument("prompts", nargs="+", help="prompts to embed")
     p.add_argument("--decimals", type=int, default=4, help="digits printed per value")
@@ -241,8 +242,9 @@ def to_model_resolution(images: np.ndarray, size: int, channels: int, source: st
 
 
 def score_main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(allow_abbrev=False, prog="ldmkit clip score", description="CLIP score (100 * max(cos, 0), Hessel et "
-                                "al. 2021) of an npz's images against its prompts")
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="ldmkit clip score",
+                                description="CLIP score (100 * max(cos, 0), Hessel et al. 2021) of an npz's images "
+                                            "against its prompts")
     p.add_argument("dir", help="CLIP stage directory, or a pipeline directory containing clip/")
     p.add_argument("samples", help="npz with images (uint8 N x H x W x C, native size) and prompts (unicode)")
     p.add_argument("--out", default=None, help="JSON to write (default: SAMPLES with .clip.json)")

@@ -107,7 +107,8 @@ def load_judge(path: str | Path) -> tuple[dict, dict, list]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(allow_abbrev=False, prog="ldmkit train shapes-judge", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="ldmkit train shapes-judge",
+                                description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="directory for the three judges")
     p.add_argument("--steps", type=int, default=1200, help="optimizer steps per attribute (batch 128)")
     p.add_argument("--images", type=int, default=20000, help="generated training scenes")

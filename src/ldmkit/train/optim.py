@@ -86,5 +86,5 @@ def match_param_layout(optimizer: torch.optim.Optimizer) -> None:
 def unwrap(model: nn.Module) -> nn.Module:
     """The plain module inside DDP or torch.compile wrappers."""
     while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or getattr(model, "_orig_mod")
+        model = getattr(model, "module", None) or model._orig_mod
     return model

@@ -88,7 +88,8 @@ def train_pipeline(pp: PipelinePreset, out: str | Path, data_dir: str | None = N
     kw = {"data_dir": data_dir} if pp.data == "fashion-mnist" else {}
     ds = load_dataset(pp.data, split="train", **kw)
     if pp.eval_classifier is not None:
-        ecfg = apply_overrides(preset(eval_classifier.PRESETS, pp.eval_classifier.preset), ov.get("eval-classifier", []))
+        ecfg = apply_overrides(preset(eval_classifier.PRESETS, pp.eval_classifier.preset),
+                               ov.get("eval-classifier", []))
         _run_stage("eval-classifier", out / "eval-classifier",
                    lambda r: eval_classifier.train(ecfg, out / "eval-classifier", data_dir, progress))
     acfg = _stage_cfg(autoencoder.PRESETS, pp.autoencoder, ov.get("autoencoder", []))
@@ -116,7 +117,8 @@ def train_pipeline(pp: PipelinePreset, out: str | Path, data_dir: str | None = N
         if plan is not None:
             cfg = _stage_cfg(distill.PRESETS, plan, ov.get(name, []))
             fn = distill.train_one_step if cfg.one_step_from > 0 else distill.train
-            _run_stage(name, out / name, lambda r: fn(cfg, out / name, str(out), data_dir, resume=r, progress=progress))
+            _run_stage(name, out / name, lambda r, fn=fn, cfg=cfg, name=name: fn(
+                cfg, out / name, str(out), data_dir, resume=r, progress=progress))
             spec = write_pipeline_json(out, pp, ds)
     return spec
 
