@@ -123,7 +123,8 @@ def test_score_matches_cosine_by_hand(shapes_run, tmp_path, capsys):
     assert result["n"] == 16 and result["clip_score"] == pytest.approx(expected, rel=1e-4)
     np.savez(tmp_path / "bad.npz", images=images[..., :1], prompts=np.array(prompts))
     with pytest.raises(ValueError, match="channel"):
-        cli(["clip", "score", str(shapes_run), str(tmp_path / "bad.npz")])
+        cli(["clip", "score", str(shapes_run), str(tmp_path / "bad.npz"), "--debug"])
+    assert cli(["clip", "score", str(shapes_run), str(tmp_path / "bad.npz")]) == 2  # one line, no traceback
 
 
 def test_padding_matches_the_fashion_loader(fashion_dir):

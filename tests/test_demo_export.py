@@ -46,9 +46,12 @@ def test_exported_pipeline_samples_like_the_source(tiny_fashion_pipeline, export
     assert np.abs(a.astype(int) - b).mean() < 2.0  # bf16 storage: ~3 significant digits per weight
 
 
-def test_export_refuses_a_non_empty_destination(tiny_fashion_pipeline, exported):
-    with pytest.raises(FileExistsError, match="--overwrite"):
-        cli(["export", str(tiny_fashion_pipeline), "--out", str(exported)])
+def test_export_refuses_a_non_empty_destination(tiny_fashion_pipeline, exported, capsys):
+    assert cli(["export", str(tiny_fashion_pipeline), "--out", str(exported)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ldmkit export: error:") and "--overwrite" in err[0]
+    with pytest.raises(FileExistsError, match="--overwrite"):  # --debug: the exception itself
+        cli(["export", str(tiny_fashion_pipeline), "--out", str(exported), "--debug"])
 
 
 def test_demo_report_has_every_section_and_no_outside_assets(exported, tiny_pipeline, tmp_path):

@@ -211,3 +211,28 @@ def test_pooled_only_conditioning_ignores_the_tokens():
     assert not torch.allclose(outs[True][0], outs[True][1], atol=1e-4)
     torch.testing.assert_close(outs[False][0], outs[False][1])
     assert not torch.allclose(outs[False][0], outs[False][2], atol=1e-4)
+
+
+def test_user_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
+    from ldmkit.cli import main as cli
+    assert cli(["sample", str(tmp_path / "nowhere"), "--prompt", "a bag", "--out", str(tmp_path / "x.npz")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ldmkit sample: error:") and "pipeline.json" in err[0]
+    with pytest.raises(FileNotFoundError):
+        cli(["sample", str(tmp_path / "nowhere"), "--prompt", "a bag", "--out", str(tmp_path / "x.npz"), "--debug"])
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--out", "x.jpg"], ".npz"), (["--steps", "0"], "--steps 0"), (["--guidance", "nan"], "finite"),
+    (["--guidance=-1e9"], "outside"), (["--seed", str(2**70)], "64 bits"), (["--out", "no/such/dir/x.npz"], "exist"),
+])
+def test_sample_checks_arguments_before_loading_anything(tmp_path, capsys, monkeypatch, extra, words):
+    """Bad arguments fail in one line before the pipeline is loaded (so before any image is sampled)."""
+    from ldmkit.cli import main as cli
+    from ldmkit.pipeline import Pipeline
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(Pipeline, "load", lambda *a, **k: pytest.fail("the pipeline was loaded"))
+    argv = ["sample", "anything", "--prompt", "a bag", "--out", "x.npz", *extra]
+    assert cli(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and words in err[0]

@@ -1,4 +1,9 @@
-"""The `ldmkit` command: a table of subcommands, each a `main(argv)` function imported only when used."""
+"""The `ldmkit` command: a table of subcommands, each a `main(argv)` function imported only when used.
+
+A user error (a bad value, a missing or unreadable file, an existing output) ends in one line naming it and the
+fix, exit code 2; `--debug` anywhere on the command line shows the traceback instead. Anything else is a bug and
+keeps its traceback.
+"""
 
 from __future__ import annotations
 
@@ -41,8 +46,38 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+# what a user can fix: bad values and configs (ValueError, with ConfigError and BadFileError), files and folders
+# (OSError's subclasses below), a run that diverged (its message names the step and the fix)
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,
+               NotADirectoryError)
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    from ldmkit.train.common import TrainingDiverged
+    return (*USER_ERRORS, TrainingDiverged)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    if debug:
+        return _dispatch(argv)
+    try:
+        return _dispatch(argv)
+    except KeyboardInterrupt:
+        print("ldmkit: interrupted", file=sys.stderr)
+        return 130
+    except _user_error_types() as e:
+        words = next((" ".join(argv[:n]) for n in (2, 1) if tuple(argv[:n]) in COMMANDS), "")
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if isinstance(e, OSError) and e.filename is not None and str(e.filename) not in msg:
+            msg = f"{msg}: {e.filename}"
+        print(f"ldmkit {words}: error: {msg} (--debug shows the traceback)", file=sys.stderr)
+        return 2
+
+
+def _dispatch(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import io
+import math
+import os
 import sys
 from pathlib import Path
 
@@ -92,15 +94,38 @@ def save_samples(path: str | Path, images: np.ndarray, prompts: list[str], label
     write_bytes(path, buf.getvalue())
 
 
+def check_args(args) -> None:
+    """Every argument and the output path, before the pipeline is loaded or anything is sampled."""
+    if not 1 <= args.num <= 10000:
+        raise ValueError(f"--num {args.num} must lie in 1..10000")
+    if args.batch_size < 1 or args.micro_batch < 1:
+        raise ValueError(f"--batch-size {args.batch_size} and --micro-batch {args.micro_batch} must be >= 1")
+    if args.steps is not None and not 1 <= args.steps <= 1000:
+        raise ValueError(f"--steps {args.steps} must lie in 1..1000 (leave it out for the pipeline's default)")
+    for name in ("guidance", "guidance_rescale", "classifier_scale", "apg_eta", "apg_momentum", "apg_threshold"):
+        v = getattr(args, name)
+        if v is not None and not math.isfinite(v):
+            raise ValueError(f"--{name.replace('_', '-')} {v} must be a finite number")
+    if args.guidance is not None and not -20 <= args.guidance <= 50:
+        raise ValueError(f"--guidance {args.guidance} is outside -20..50 (1 = conditional, 0 = unconditional; "
+                         "useful values lie around 1-8)")
+    if not -2**63 <= args.seed < 2**63:
+        raise ValueError(f"--seed {args.seed} must fit in 64 bits (the npz stores it as int64)")
+    out = Path(args.out)
+    if out.suffix not in (".npz", ".png"):
+        raise ValueError(f"--out {out} must end in .npz (arrays) or .png (a grid)")
+    if out.is_dir():
+        raise IsADirectoryError(f"--out {out} is a directory; name a .npz or .png file")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise FileNotFoundError(f"--out {out}: folder {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK):
+        raise PermissionError(f"--out {out}: folder {parent} is not writable")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if not 1 <= args.num <= 10000:
-        print(f"ldmkit sample: --num {args.num} must lie in 1..10000", file=sys.stderr)
-        return 2
-    if args.batch_size < 1 or args.micro_batch < 1:
-        print(f"ldmkit sample: --batch-size {args.batch_size} and --micro-batch {args.micro_batch} must be >= 1",
-              file=sys.stderr)
-        return 2
+    check_args(args)
     from ldmkit.guidance.cfg import APGConfig
     from ldmkit.pipeline import Pipeline
     pipe = Pipeline.load(args.pipeline)
