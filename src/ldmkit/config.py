@@ -65,20 +65,30 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"config key {key!r} got {value!r}; allowed values: {', '.join(map(repr, choices))}")
         return value
     if origin in (tuple, list, Sequence) or tp in (tuple, list):
-        if isinstance(value, str):
-            value = [v for v in value.split(",") if v != ""]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config key {key!r} must be a list, got {value!r}")
-        args = typing.get_args(tp)
-        if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0], key) for v in value)
-        if origin is tuple and args:
-            if len(args) != len(value):
-                raise ConfigError(f"config key {key!r} needs {len(args)} values, got {value!r}")
-            return tuple(_coerce(v, a, key) for v, a in zip(value, args))
-        elem = args[0] if args else Any
-        out = [_coerce(v, elem, key) for v in value]
-        return tuple(out) if origin is tuple or tp is tuple else out
+        return _coerce_sequence(value, tp, origin, key)
+    return _coerce_scalar(value, tp, key)
+
+
+def _coerce_sequence(value: Any, tp: Any, origin: Any, key: str) -> Any:
+    """A list or tuple (or a comma-separated string) checked element by element."""
+    if isinstance(value, str):
+        value = [v for v in value.split(",") if v != ""]
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"config key {key!r} must be a list, got {value!r}")
+    args = typing.get_args(tp)
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        return tuple(_coerce(v, args[0], key) for v in value)
+    if origin is tuple and args:
+        if len(args) != len(value):
+            raise ConfigError(f"config key {key!r} needs {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+    elem = args[0] if args else Any
+    out = [_coerce(v, elem, key) for v in value]
+    return tuple(out) if origin is tuple or tp is tuple else out
+
+
+def _coerce_scalar(value: Any, tp: Any, key: str) -> Any:
+    """A bool, int, float or str (from its JSON or command-line string form); other types pass as they are."""
     if tp is bool:
         if isinstance(value, bool):
             return value

@@ -282,51 +282,10 @@ def train(cfg: CLIPStage, out, spec: str, ds, resume: bool = False, init_from: s
     for step in run.steps(start, tc.steps):
         idx, gidx = common.batch_indices(len(ds), tc.batch_size, step, tc.seed, run.rank, run.world)
         x = augment(ds.to_float(ds.images[idx]), gidx, tc.seed, cfg.shift, cfg.hflip).to(run.device)
-        rngs = [random.Random(example_seed(tc.seed, int(g), CAPTION_STREAM)) for g in gidx]
-        captions, singles, extras, states = [], [], [], []
-        for i, r in zip(idx.tolist(), rngs):
-            state = r.getstate()
-            states.append(state)
-            captions.append(noisy_caption(ds.caption(i, r), r, cfg.caption_noise))
-            one = hard_negative(ds, i, state, r, cfg.hard_negatives, captions[-1], cfg.hard_negative_weights) \
-                if cfg.hard_negatives else None
-            singles.append([] if one is None else [one])
-            extras.append(exhaustive_negatives(ds, i, state, cfg.exhaustive_negatives, allowed))
-        if cfg.shape_twins:
-            twins = [shape_twin(ds, i, st, random.Random(example_seed(tc.seed, int(g), TWIN_STREAM)), allowed)
-                     for i, st, g in zip(idx.tolist(), states, gidx)]
-            drawn = redraw(ds, idx, shape=[v["shape"] for v, _ in twins], color=[v["color"] for v, _ in twins])
-            x = torch.cat([x, augment(ds.to_float(drawn), gidx, tc.seed, cfg.shift, cfg.hflip).to(run.device)])
-            captions += [c for _, c in twins]
-            singles += [[] for _ in twins]
-            extras += [[] for _ in twins]
-        # each distinct caption is encoded once, through the towers' forward; while the text tower is locked the
-        # exhaustive negatives (five times as many captions) are encoded without a graph, as its gradient would be
-        # dropped anyway. (Without a graph after the lock too, the step is half as long but the text tower, which
-        # learns much from them, ended at 77% position and 88% shape instead of 100% and 93%.)
+        x, captions, negatives = batch_captions(cfg, ds, idx, gidx, x, allowed)
         locked = step < cfg.lock_text_steps
-        graded = captions + [n for ns in singles for n in ns] + ([] if locked else [n for ns in extras for n in ns])
-        distinct = {c: k for k, c in enumerate(dict.fromkeys(graded))}
-        ids, mask = tok(list(distinct))
         common.set_lr(opt, common.lr_at(step, tc))
-        with common.autocast(run.device, tc.precision):
-            img, txt_all, scale = net(x, ids.to(run.device), mask.to(run.device))  # (B, E), (U, E), ()
-            if locked:
-                for ns in extras:
-                    distinct.update((n, len(distinct)) for n in ns if n not in distinct)
-                new = list(distinct)[txt_all.shape[0]:]
-                if new:
-                    with torch.no_grad():
-                        ex_ids, ex_mask = tok(new)
-                        txt_all = torch.cat([txt_all, model.encode_text(ex_ids.to(run.device),
-                                                                        ex_mask.to(run.device))])
-        txt = txt_all[torch.tensor([distinct[c] for c in captions], device=run.device)]  # (B, E)
-        neg = neg_mask = None
-        if K:  # (B, K, E) with a (B, K) mask; B doubles with twins, whose rows have none
-            negatives = [a + b for a, b in zip(singles, extras)]
-            neg_mask = torch.tensor([[k < len(ns) for k in range(K)] for ns in negatives], device=run.device)
-            neg = txt_all[torch.tensor([[distinct[ns[k]] if k < len(ns) else 0 for k in range(K)] for ns in negatives],
-                                       device=run.device)]
+        img, txt, neg, neg_mask, scale = encode_batch(net, model, x, captions, negatives, K, locked, tc.precision)
         loss = contrastive_loss(img, txt, scale, run.world, neg, neg_mask)
         loss.backward()
         if locked:
@@ -347,3 +306,61 @@ def train(cfg: CLIPStage, out, spec: str, ds, resume: bool = False, init_from: s
         from ldmkit.eval.clip_cli import quick_metrics
         metrics.update(quick_metrics(export.eval(), spec, ds, cfg.eval_images))
     return run.finish(export.state_dict(), metrics, step)
+
+
+def batch_captions(cfg: CLIPStage, ds, idx: torch.Tensor, gidx: torch.Tensor, x: torch.Tensor, allowed: set):
+    """The batch's captions and text negatives, each example's drawn from its own seeded stream; with shape twins
+    the images grow by a redrawn copy of each scene. Returns (images, captions, negatives per example as
+    (single hard negatives, exhaustive negatives))."""
+    tc = cfg.train
+    rngs = [random.Random(example_seed(tc.seed, int(g), CAPTION_STREAM)) for g in gidx]
+    captions, singles, extras, states = [], [], [], []
+    for i, r in zip(idx.tolist(), rngs):
+        state = r.getstate()
+        states.append(state)
+        captions.append(noisy_caption(ds.caption(i, r), r, cfg.caption_noise))
+        one = hard_negative(ds, i, state, r, cfg.hard_negatives, captions[-1], cfg.hard_negative_weights) \
+            if cfg.hard_negatives else None
+        singles.append([] if one is None else [one])
+        extras.append(exhaustive_negatives(ds, i, state, cfg.exhaustive_negatives, allowed))
+    if cfg.shape_twins:
+        twins = [shape_twin(ds, i, st, random.Random(example_seed(tc.seed, int(g), TWIN_STREAM)), allowed)
+                 for i, st, g in zip(idx.tolist(), states, gidx)]
+        drawn = redraw(ds, idx, shape=[v["shape"] for v, _ in twins], color=[v["color"] for v, _ in twins])
+        x = torch.cat([x, augment(ds.to_float(drawn), gidx, tc.seed, cfg.shift, cfg.hflip).to(x.device)])
+        captions += [c for _, c in twins]
+        singles += [[] for _ in twins]
+        extras += [[] for _ in twins]
+    return x, captions, list(zip(singles, extras))
+
+
+def encode_batch(net, model, x: torch.Tensor, captions: list[str], negatives, K: int, locked: bool,
+                 precision: str):
+    """Image features, caption features, and the (B, K, E) negatives with their (B, K) mask (None when K = 0).
+
+    Each distinct caption is encoded once, through the towers' forward; while the text tower is locked the
+    exhaustive negatives (five times as many captions) are encoded without a graph, as their gradient would be
+    dropped anyway (with no graph after the lock too, a step is half as long but the text tower learns less)."""
+    device = x.device
+    singles, extras = [a for a, _ in negatives], [b for _, b in negatives]
+    graded = captions + [n for ns in singles for n in ns] + ([] if locked else [n for ns in extras for n in ns])
+    distinct = {c: k for k, c in enumerate(dict.fromkeys(graded))}
+    ids, mask = model.tokenizer(list(distinct))
+    with common.autocast(device, precision):
+        img, txt_all, scale = net(x, ids.to(device), mask.to(device))  # (B, E), (U, E), ()
+        if locked:
+            for ns in extras:
+                distinct.update((n, len(distinct)) for n in ns if n not in distinct)
+            new = list(distinct)[txt_all.shape[0]:]
+            if new:
+                with torch.no_grad():
+                    ex_ids, ex_mask = model.tokenizer(new)
+                    txt_all = torch.cat([txt_all, model.encode_text(ex_ids.to(device), ex_mask.to(device))])
+    txt = txt_all[torch.tensor([distinct[c] for c in captions], device=device)]  # (B, E)
+    if not K:
+        return img, txt, None, None, scale
+    rows = [a + b for a, b in negatives]  # B doubles with twins, whose rows have none
+    neg_mask = torch.tensor([[k < len(ns) for k in range(K)] for ns in rows], device=device)
+    neg = txt_all[torch.tensor([[distinct[ns[k]] if k < len(ns) else 0 for k in range(K)] for ns in rows],
+                               device=device)]
+    return img, txt, neg, neg_mask, scale
