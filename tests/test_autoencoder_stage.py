@@ -79,7 +79,7 @@ def test_scale_factor_is_one_over_std_of_posterior_samples(tmp_path):
 
 def test_channels_must_match_when_not_taken_from_data(tmp_path):
     with pytest.raises(ValueError, match="in_channels=1 but the dataset has 3 channels"):
-        cli(train_args(tmp_path / "ae", "shapes", "channels_from_data=false"))
+        cli([*train_args(tmp_path / "ae", "shapes", "channels_from_data=false"), "--debug"])
 
 
 def test_discriminator_warms_up_before_its_term_reaches_the_autoencoder(tmp_path):

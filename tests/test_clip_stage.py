@@ -200,7 +200,7 @@ def test_bad_configs_fail_loudly(tmp_path):
     with pytest.raises(ValueError, match="tokenizer_vocab"):
         dataclasses.replace(tiny, tokenizer_vocab=4096)
     with pytest.raises(FileNotFoundError, match="--resume"):
-        cli(train_args(tmp_path / "none", "--resume"))
+        cli(train_args(tmp_path / "none", "--resume", "--debug"))
 
 
 def test_preset_defaults_to_the_datas_own(tmp_path, monkeypatch):
