@@ -34,7 +34,7 @@ from ldmkit.data import FASHION_CLASSES, HELDOUT_TEMPLATES, fill_template
 from ldmkit.eval.classifier import score_images
 from ldmkit.eval.score import load_eval_classifier
 from ldmkit.pipeline import Pipeline
-from ldmkit.train.eval_classifier import fashion_uint8
+from ldmkit.data.fashion import fashion_uint8
 
 
 def class_prompts(per_class: int, templates: list[str] | None, seed: int = 0) -> tuple[list[str], list[int]]:

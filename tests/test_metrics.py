@@ -9,8 +9,8 @@ import pytest
 import torch
 from conftest import require
 
-from ldmkit.eval.classifier import (EvalClassifier, EvalClassifierConfig, PRESETS, augment, score_images,
-                                    train_eval_classifier)
+from ldmkit.eval.classifier import EvalClassifier, EvalClassifierConfig, PRESETS, score_images
+from ldmkit.train.eval_classifier import augment, train_eval_classifier
 from ldmkit.eval.metrics import PSNR_CAP_DB, frechet_distance, precision_recall, psnr, ssim
 
 

@@ -5,8 +5,10 @@ import pytest
 import torch
 
 from ldmkit.data.shapes import heldout_pairs, load_shapes
-from ldmkit.eval.classifier import EvalClassifier, augment
-from ldmkit.eval.shapes_judge import ATTRIBUTES, judge_config, load_judge, seen_mask, train_judge
+from ldmkit.eval.classifier import EvalClassifier
+from ldmkit.train.eval_classifier import augment
+from ldmkit.eval.shapes_judge import ATTRIBUTES, judge_config, load_judge, seen_mask
+from ldmkit.train.shapes_judge import train_judge
 
 
 def test_augment_without_flip_only_shifts():

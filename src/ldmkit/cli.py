@@ -16,7 +16,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("train", "autoencoder"): ("ldmkit.train.autoencoder:main", "train the KL autoencoder (L1/L2 + KL + LPIPS + GAN)"),
     ("train", "eval-classifier"): ("ldmkit.train.eval_classifier:main",
                                    "train the frozen Fashion-MNIST evaluation classifier"),
-    ("train", "shapes-judge"): ("ldmkit.eval.shapes_judge:main",
+    ("train", "shapes-judge"): ("ldmkit.train.shapes_judge:main",
                                 "train the frozen per-attribute judges of generated shapes images"),
     ("train", "clip"): ("ldmkit.train.clip:main", "train CLIP (text transformer + ViT, contrastive loss)"),
     ("train", "ldm"): ("ldmkit.train.ldm:main", "train the latent denoiser (UNet or DiT) on cached latents"),

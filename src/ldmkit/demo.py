@@ -191,7 +191,7 @@ def metrics_section(pipes: dict[str, Path], fashion: Pipeline, fresh: int) -> tu
     """Stored metrics of every stage, and the generator scored again on fresh samples."""
     from ldmkit.eval.classifier import score_images
     from ldmkit.eval.score import load_eval_classifier
-    from ldmkit.train.eval_classifier import fashion_uint8
+    from ldmkit.data.fashion import fashion_uint8
     stored = []
     keys = {"autoencoder": ("test_psnr",), "clip": ("test_zero_shot_top1", "test_zero_shot_top1_heldout",
                                                     "shape", "color", "position"),
@@ -267,7 +267,7 @@ def curves_section(pipes: dict[str, Path]) -> tuple[str, dict]:
 
 # ----------------------------------------------------------------------------- the report
 def build_report(fashion_dir: Path, shapes_dir: Path | None, out: Path, fresh: int = 1000, n_test: int = 1000) -> dict:
-    from ldmkit.train.eval_classifier import fashion_uint8
+    from ldmkit.data.fashion import fashion_uint8
     t0 = time.perf_counter()
     torch.manual_seed(0)
     timer = Timer()

@@ -119,3 +119,10 @@ def load_fashion(split: str = "train", data_dir: str | os.PathLike | None = None
                         label_names={"class": list(FASHION_CLASSES)}, captioner=captioner,
                         native_size=(NATIVE, NATIVE), pad=(top, top),
                         meta={"data_dir": str(Path(data_dir) if data_dir is not None else DEFAULT_FASHION_DIR)})
+
+
+def fashion_uint8(split: str, data_dir: str | None = None):
+    """Fashion-MNIST `split` at its native 28x28 as (uint8 (N, 28, 28, 1) numpy, int64 labels numpy)."""
+    from ldmkit.data import load_dataset  # the package imports this module: cached loading lives there
+    ds = load_dataset("fashion-mnist", split=split, data_dir=data_dir)
+    return ds.crop(ds.images).permute(0, 2, 3, 1).numpy(), ds.labels["class"].numpy()

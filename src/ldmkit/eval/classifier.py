@@ -24,17 +24,13 @@ or float images already scaled to [0, 1].
 
 from __future__ import annotations
 
-import math
-import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ldmkit.eval.metrics import frechet_distance, precision_recall
-from ldmkit.nn import bf16_is_fast
 
 
 @dataclass(frozen=True)
@@ -133,26 +129,10 @@ class EvalClassifier(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Training
+# Inputs and predictions
 
 
-def augment(x: torch.Tensor, gen: torch.Generator, max_shift: int = 1, flip: bool = True) -> torch.Tensor:
-    """Random horizontal flips (unless flip=False) and integer shifts (zero fill) of uint8 NCHW images; one draw
-    per image."""
-    n, _, h, w = x.shape
-    if flip:
-        mirror = torch.rand(n, generator=gen) < 0.5
-        x = torch.where(mirror[:, None, None, None], x.flip(3), x)
-    p = max_shift
-    xp = F.pad(x, (p, p, p, p))  # (N, C, H + 2p, W + 2p)
-    oy = torch.randint(0, 2 * p + 1, (n,), generator=gen)
-    ox = torch.randint(0, 2 * p + 1, (n,), generator=gen)
-    rows = (oy[:, None] + torch.arange(h))[:, None, :, None]  # (N, 1, H, 1)
-    cols = (ox[:, None] + torch.arange(w))[:, None, None, :]  # (N, 1, 1, W)
-    return xp[torch.arange(n)[:, None, None, None], torch.arange(x.shape[1])[None, :, None, None], rows, cols]
-
-
-def _to_nchw_uint8(images, name: str, channels: int = 1) -> torch.Tensor:
+def to_nchw_uint8(images, name: str, channels: int = 1) -> torch.Tensor:
     x = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
     if x.dtype != torch.uint8:
         raise ValueError(f"{name} must be uint8 images, got dtype {x.dtype}")
@@ -164,14 +144,6 @@ def _to_nchw_uint8(images, name: str, channels: int = 1) -> torch.Tensor:
         raise ValueError(f"{name} must be (N, H, W, {channels}) or (N, {channels}, H, W)"
                          f"{' or (N, H, W)' if channels == 1 else ''}; got {tuple(x.shape)}")
     return x.contiguous()
-
-
-def lr_schedule(step: int, steps: int, peak: float, warmup_frac: float = 0.1) -> float:
-    """One-cycle: linear warm-up to `peak` over the first 10% of steps, then cosine decay to 0."""
-    warm = max(1, int(warmup_frac * steps))
-    if step < warm:
-        return peak * (step + 1) / warm
-    return 0.5 * peak * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
 
 
 @torch.no_grad()
@@ -187,58 +159,6 @@ def predict(model: EvalClassifier, images, batch_size: int = 500) -> tuple[torch
         logits.append(lg)
     model.train(was_training)
     return torch.cat(logits), torch.cat(feats)
-
-
-def train_eval_classifier(train_images, train_labels, test_images, test_labels, steps: int = 3000,
-                          batch_size: int = 128, seed: int = 0, progress: bool = True,
-                          config: EvalClassifierConfig | None = None, lr: float = 3e-3,
-                          weight_decay: float = 0.05, label_smoothing: float = 0.1,
-                          max_shift: int = 1, flip: bool = True, bf16: bool = True) -> tuple[EvalClassifier, float]:
-    """Train the evaluation classifier with AdamW and a one-cycle schedule; returns (model in eval mode, test acc).
-
-    Images are uint8 (N, 28, 28, 1); labels int (N,). Batches are drawn by seeded per-epoch permutations and
-    augmented with random horizontal flips (flip=False: none, where left and right differ in meaning) and shifts of
-    up to `max_shift` pixels (0 disables shifts). `bf16`
-    runs the training forward under bfloat16 autocast where the CPU has bf16 units (about 1.5x faster there;
-    emulated bf16 on other CPUs is far slower, so they train in float32);
-    evaluation and `features` stay float32. The defaults are the measured recipe: 92.37% test accuracy on
-    Fashion-MNIST (seed 0, fp32, 23 minutes on one AVX2 core shared with another job; widths (32, 64, 128) reached
-    93.25% but cost 2x the time, (16, 32, 64) x 4000 steps 92.11%; see
-    tests/test_metrics.py::test_full_recipe_reaches_92_percent).
-    """
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    config = config or EvalClassifierConfig()
-    x = _to_nchw_uint8(train_images, "train_images", config.in_channels)
-    y = torch.as_tensor(np.asarray(train_labels)).long()
-    if x.shape[0] != y.shape[0]:
-        raise ValueError(f"train_images has {x.shape[0]} images but train_labels has {y.shape[0]} labels")
-    model = EvalClassifier(config)
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=lr)
-    model.train().to(memory_format=torch.channels_last)  # ~1.5x faster convolutions on CPU
-    order, pos, t0 = torch.randperm(x.shape[0], generator=gen), 0, time.time()
-    for step in range(steps):
-        if pos + batch_size > order.numel():
-            order, pos = torch.randperm(x.shape[0], generator=gen), 0
-        idx = order[pos:pos + batch_size]
-        pos += batch_size
-        xb = augment(x[idx], gen, max_shift, flip).contiguous(memory_format=torch.channels_last)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16 and bf16_is_fast("cpu")):
-            logits = model(xb)
-        loss = F.cross_entropy(logits.float(), y[idx], label_smoothing=label_smoothing)
-        for g in opt.param_groups:
-            g["lr"] = lr_schedule(step, steps, lr)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if progress and (step % 200 == 0 or step == steps - 1):
-            ms = 1000 * (time.time() - t0) / (step + 1)
-            print(f"step {step} | loss {loss.item():.4f} | lr {opt.param_groups[0]['lr']:.1e} | {ms:.0f} ms/step")
-    model.eval().to(memory_format=torch.contiguous_format)  # contiguous weights (safetensors needs them)
-    return model, accuracy(model, test_images, test_labels)
 
 
 def accuracy(model: EvalClassifier, images, labels, batch_size: int = 500) -> float:

@@ -56,7 +56,7 @@ def load_samples(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
 
 def score_file(samples: str | Path, classifier: str | Path, data_dir: str | None = None, seed: int = 0) -> dict:
     from ldmkit.eval.classifier import score_images
-    from ldmkit.train.eval_classifier import fashion_uint8
+    from ldmkit.data.fashion import fashion_uint8
     images, labels = load_samples(samples)
     model, digest = load_eval_classifier(classifier)
     xtr, _ = fashion_uint8("train", data_dir)

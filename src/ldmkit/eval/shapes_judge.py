@@ -7,7 +7,7 @@ them), with a seed stream of their own, never mirrored (left and right are posit
 evaluation classifier they are frozen before they judge anything and never enter a training loss; their weight
 hashes travel with every score.
 
-    ldmkit train shapes-judge --out DIR [--steps 1200] [--images 20000]
+    ldmkit train shapes-judge --out DIR [--steps 1200] [--images 20000]     (ldmkit.train.shapes_judge)
 
 writes DIR/{shape,color,position}.safetensors, DIR/config.json and DIR/metrics.json (accuracy of each on 2,000
 newly drawn scenes, split into seen and held-out pairs).
@@ -15,15 +15,13 @@ newly drawn scenes, split into seen and held-out pairs).
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ldmkit.checkpoint import file_hash, load_safetensors, provenance, read_json, save_safetensors, write_json
-from ldmkit.eval.classifier import EvalClassifier, EvalClassifierConfig, predict, train_eval_classifier
+from ldmkit.checkpoint import file_hash, load_safetensors, read_json
+from ldmkit.eval.classifier import EvalClassifier, EvalClassifierConfig, predict
 
 ATTRIBUTES = ("shape", "color", "position")
 JUDGE_SEED = 9173  # the judge's image stream (the pipeline's data uses seed 0)
@@ -37,7 +35,7 @@ def judge_config(num_classes: int, attribute: str) -> EvalClassifierConfig:
                                 head="flat" if attribute == "position" else "avg")
 
 
-def _nhwc(ds) -> np.ndarray:
+def scenes_nhwc(ds) -> np.ndarray:
     return ds.images.permute(0, 2, 3, 1).numpy()  # uint8 (N, 32, 32, 3)
 
 
@@ -60,36 +58,6 @@ def judge_accuracy(models: dict, images, labels: dict, seen: np.ndarray) -> dict
     return out
 
 
-def train_judge(out: str | Path, steps: int = 1200, images: int = 20000, progress: bool = True) -> dict:
-    from ldmkit.data.shapes import load_shapes
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    ds = load_shapes("test", num=images, seed=JUDGE_SEED)  # every pair, incl. the held-out ones
-    ev = load_shapes("test", num=2000, seed=EVAL_SEED)
-    x, xe = _nhwc(ds), _nhwc(ev)
-    models, configs = {}, {}
-    for a in ATTRIBUTES:
-        cfg = judge_config(len(ds.label_names[a]), a)
-        if progress:
-            print(f"shapes judge: {a} ({cfg.num_classes} classes, {steps} steps)")
-        model, _ = train_eval_classifier(x, ds.labels[a].numpy(), xe, ev.labels[a].numpy(), steps=steps,
-                                         seed=JUDGE_SEED, progress=progress, config=cfg, flip=False,
-                                         label_smoothing=0.0)
-        save_safetensors(model.state_dict(), out / f"{a}.safetensors", {"stage": "shapes-judge", "attribute": a})
-        models[a], configs[a] = model, dataclasses.asdict(cfg)
-    seen = seen_mask(ev.labels["shape"].numpy(), ev.labels["color"].numpy(), ev.meta["heldout"])
-    acc = judge_accuracy(models, xe, {a: ev.labels[a].numpy() for a in ATTRIBUTES}, seen)
-    write_json(out / "config.json", {"stage": "shapes-judge", "models": configs, "steps": steps, "images": images,
-                                     "heldout": [list(p) for p in ds.meta["heldout"]]})
-    metrics = {**provenance(data="shapes", stage="shapes-judge"), "accuracy": acc,
-               "weights_sha256": {a: file_hash(out / f"{a}.safetensors") for a in ATTRIBUTES}}
-    write_json(out / "metrics.json", metrics)
-    if progress:
-        print("shapes judge accuracy on 2,000 new scenes: " + ", ".join(
-            f"{a} {v['all']:.4f} (held-out pairs {v['heldout']:.4f})" for a, v in acc.items()) + f" -> {out}")
-    return metrics
-
-
 def load_judge(path: str | Path) -> tuple[dict, dict, list]:
     """({attribute: model in eval mode}, {attribute: weights hash}, held-out pairs) from a judge directory."""
     from ldmkit.config import from_dict
@@ -104,17 +72,3 @@ def load_judge(path: str | Path) -> tuple[dict, dict, list]:
         m.load_state_dict(load_safetensors(path / f"{a}.safetensors"))
         models[a], hashes[a] = m.eval(), file_hash(path / f"{a}.safetensors")
     return models, hashes, [tuple(p) for p in cfg["heldout"]]
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(allow_abbrev=False, prog="ldmkit train shapes-judge",
-                                description=__doc__.splitlines()[0])
-    p.add_argument("--out", required=True, help="directory for the three judges")
-    p.add_argument("--steps", type=int, default=1200, help="optimizer steps per attribute (batch 128)")
-    p.add_argument("--images", type=int, default=20000, help="generated training scenes")
-    p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
-    if args.steps < 1 or args.images < 128:
-        p.error("--steps must be >= 1 and --images >= 128")
-    train_judge(args.out, args.steps, args.images, progress=not args.no_progress)
-    return 0
