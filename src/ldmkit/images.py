@@ -1,4 +1,4 @@
-"""Image conversions and grids: float [-1, 1] tensors <-> uint8 arrays, PNG grids written atomically."""
+"""Image conversions (the one place uint8 [0, 255] meets float [-1, 1]) and PNG grids written atomically."""
 
 from __future__ import annotations
 
@@ -13,16 +13,42 @@ from PIL import Image
 from ldmkit.checkpoint import write_bytes
 
 
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """(N, C, H, W) floats in [-1, 1] -> (N, H, W, C) uint8 (round to nearest)."""
-    x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images of any shape -> float32 in [-1, 1] (0 -> -1, 255 -> 1)."""
+    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8:
+        got = images.dtype if isinstance(images, torch.Tensor) else type(images).__name__
+        raise TypeError(f"to_float expects a uint8 torch.Tensor (a batch of dataset.images), got {got}")
+    return images.float() / 127.5 - 1.0
 
 
-def from_uint8(x: np.ndarray | torch.Tensor) -> torch.Tensor:
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Floats in [-1, 1] (any shape) -> uint8 tensor, clamped and rounded to nearest; the inverse of `to_float`."""
+    return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def to_uint8_nhwc(x: torch.Tensor) -> np.ndarray:
+    """(N, C, H, W) floats in [-1, 1] -> (N, H, W, C) uint8 numpy (the samples' layout)."""
+    return to_uint8(x).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def from_uint8_nhwc(x: np.ndarray | torch.Tensor) -> torch.Tensor:
     """(N, H, W, C) uint8 -> (N, C, H, W) floats in [-1, 1]."""
-    x = torch.as_tensor(np.asarray(x))
-    return x.permute(0, 3, 1, 2).float() / 127.5 - 1
+    return to_float(torch.as_tensor(np.asarray(x)).permute(0, 3, 1, 2))
+
+
+def as_float_images(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(B, C, H, W) uint8 -> float in [-1, 1]; float input is checked to lie in [-1, 1] and cast to `dtype`."""
+    if not isinstance(x, torch.Tensor) or x.ndim != 4:
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"expected an image tensor (B, C, H, W), got {got}")
+    if x.dtype == torch.uint8:
+        return x.to(dtype) / 127.5 - 1.0
+    if not x.is_floating_point():
+        raise ValueError(f"images must be uint8 or float in [-1, 1], got dtype {x.dtype}")
+    if x.numel() and (x.min() < -1.001 or x.max() > 1.001):
+        raise ValueError(f"float images must lie in [-1, 1], got range [{x.min():.3f}, {x.max():.3f}]; "
+                         f"pass uint8 or rescale with x / 127.5 - 1")
+    return x.to(dtype)
 
 
 def grid(images: np.ndarray, nrow: int | None = None, pad: int = 2, scale: int = 1) -> np.ndarray:
@@ -50,5 +76,5 @@ def save_png(image: np.ndarray, path: str | os.PathLike) -> None:
 def save_grid(images: torch.Tensor | np.ndarray, path: str | os.PathLike, nrow: int | None = None,
               scale: int = 2) -> None:
     """Save float [-1, 1] (N, C, H, W) tensors or uint8 (N, H, W, C) arrays as a PNG grid."""
-    arr = to_uint8(images) if isinstance(images, torch.Tensor) else np.asarray(images)
+    arr = to_uint8_nhwc(images) if isinstance(images, torch.Tensor) else np.asarray(images)
     save_png(grid(arr, nrow=nrow, scale=scale), path)

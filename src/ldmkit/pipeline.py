@@ -30,6 +30,7 @@ from ldmkit.diffusion.objectives import make_denoiser
 from ldmkit.diffusion.samplers import example_generators, get_sampler, randn
 from ldmkit.guidance.cfg import APGConfig, guided_denoiser
 from ldmkit.guidance.classifier import classifier_grad_fn, classifier_guidance
+from ldmkit.images import from_uint8_nhwc, to_uint8_nhwc
 from ldmkit.nn import in_precision
 
 # Every network call runs on chunks of exactly this many rows (padded), for batch invariance: an image's bits do not
@@ -229,7 +230,7 @@ class Pipeline:
         x = dec(z / self.scale_factor + self.shift_factor)
         top, left, h, w = self.crop_box
         x = x[:, :, top:top + h, left:left + w]
-        return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        return to_uint8_nhwc(x)
 
     def distilled_guidance(self) -> Guidance:
         """The guidance the distilled denoiser reproduces (its w and rescale phi)."""
@@ -263,7 +264,7 @@ class Pipeline:
     @torch.no_grad()
     def encode_images(self, images: np.ndarray) -> torch.Tensor:
         """uint8 (N, H, W, C) native images -> scaled latents (posterior mode), padded back like training."""
-        x = torch.as_tensor(np.asarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+        x = from_uint8_nhwc(images)
         top, left, h, w = self.crop_box
         if tuple(x.shape[2:]) != (h, w):
             raise ValueError(f"images must be {h}x{w} (the dataset's native size), got {tuple(x.shape[2:])}")

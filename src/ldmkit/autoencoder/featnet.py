@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldmkit.autoencoder.images import as_float_images
+from ldmkit.images import as_float_images
 from ldmkit.checkpoint import load_safetensors, save_safetensors
 
 N_DISTORTIONS = 6  # none, blur, noise, pixelate, posterise, contrast

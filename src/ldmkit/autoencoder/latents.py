@@ -16,7 +16,7 @@ from safetensors import safe_open
 from torch import nn
 from tqdm import tqdm
 
-from ldmkit.autoencoder.images import as_float_images
+from ldmkit.images import as_float_images
 from ldmkit.checkpoint import load_safetensors, save_safetensors
 
 META_KEY = "ldmkit_latent_cache"

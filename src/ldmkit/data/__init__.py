@@ -16,7 +16,8 @@ import functools
 import os
 from pathlib import Path
 
-from ldmkit.data.base import ImageDataset, to_float, to_uint8
+from ldmkit.data.base import ImageDataset
+from ldmkit.images import to_float, to_uint8
 from ldmkit.data.captions import (FASHION_CLASSES, HELDOUT_TEMPLATES, TRAIN_TEMPLATES, captions_for_label,
                                   fashion_caption, fashion_prompt, fill_template, parse_class)
 from ldmkit.data.fashion import DEFAULT_FASHION_DIR, fashion_files_present, load_fashion

@@ -13,21 +13,10 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ldmkit.images import to_float, to_uint8
+
 # caption(i, rng) -> str; rng None means the canonical (deterministic) caption of example i
 Captioner = Callable[[int, "random.Random | None"], str]
-
-
-def to_float(images: torch.Tensor) -> torch.Tensor:
-    """uint8 images of any shape -> float32 in [-1, 1] (0 -> -1, 255 -> 1)."""
-    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8:
-        got = images.dtype if isinstance(images, torch.Tensor) else type(images).__name__
-        raise TypeError(f"to_float expects a uint8 torch.Tensor (a batch of dataset.images), got {got}")
-    return images.float() / 127.5 - 1.0
-
-
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """Floats in [-1, 1] (any shape) -> uint8 tensor, clamped and rounded to nearest; the inverse of `to_float`."""
-    return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
 class ImageDataset:
