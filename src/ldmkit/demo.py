@@ -26,7 +26,7 @@ import torch
 from ldmkit import report as R
 from ldmkit.checkpoint import read_json, write_bytes, write_json
 from ldmkit.data import FASHION_CLASSES, fashion_prompt
-from ldmkit.diffusion.samplers import example_generators, randn
+from ldmkit.seeding import example_generators, randn
 from ldmkit.eval.metrics import psnr
 from ldmkit.pipeline import Pipeline
 

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 
 from ldmkit.checkpoint import read_json
 from ldmkit.diffusion.objectives import make_denoiser
-from ldmkit.diffusion.samplers import example_generators, get_sampler, randn
+from ldmkit.diffusion.samplers import get_sampler
+from ldmkit.seeding import example_generators, randn
 from ldmkit.guidance.cfg import APGConfig, guided_denoiser
 from ldmkit.guidance.classifier import classifier_grad_fn, classifier_guidance
 from ldmkit.images import from_uint8_nhwc, to_uint8_nhwc

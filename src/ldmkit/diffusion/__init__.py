@@ -4,7 +4,9 @@ Backbones live in `ldmkit.diffusion.unet` and `ldmkit.diffusion.dit`; import the
 """
 
 from .objectives import Objective, draw_training_noise, make_denoiser, training_loss
-from .samplers import SAMPLERS, example_generators, get_sampler, prior_noise
+from ldmkit.seeding import example_generators
+
+from .samplers import SAMPLERS, get_sampler, prior_noise
 from .schedules import FlowSchedule, VPSchedule, get_schedule, karras_sigmas
 
 __all__ = [

@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 from ..nn import mean_flat
-from .samplers import example_generators
+from ldmkit.seeding import example_generators
 from .schedules import NUM_TRAIN_STEPS, VP_SCHEDULES, FlowSchedule, VPSchedule, get_schedule, vp_coefficients
 
 KINDS = ("eps", "v", "x0", "flow")

@@ -22,43 +22,9 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from ldmkit.seeding import Generators, randn
+
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-Generators = torch.Generator | Sequence[torch.Generator] | None
-_MASK64 = (1 << 64) - 1
-
-
-# ------------------------------------------------------------------------------------------- randomness
-
-
-def _splitmix64(x: int) -> int:
-    """One round of the splitmix64 finaliser (Steele et al. 2014): a cheap, well-mixed 64-bit hash."""
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
-def example_seed(seed: int, index: int, stream: int = 0) -> int:
-    """64-bit seed for example `index` of run `seed`; `stream` separates uses (0 sampling, 1 training noise)."""
-    return _splitmix64(_splitmix64(_splitmix64(seed & _MASK64) ^ stream) ^ (index & _MASK64))
-
-
-def example_generators(seed: int, indices: Sequence[int] | torch.Tensor, stream: int = 0) -> list[torch.Generator]:
-    """One CPU generator per global example index, seeded by hash(seed, stream, index)."""
-    idx = indices.tolist() if isinstance(indices, torch.Tensor) else list(indices)
-    return [torch.Generator().manual_seed(example_seed(seed, int(i), stream)) for i in idx]
-
-
-def randn(shape: Sequence[int], generator: Generators = None, device=None,
-          dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Standard normal (B, ...) from None / one generator / a list of B per-example generators (drawn on CPU)."""
-    if isinstance(generator, (list, tuple)):
-        if len(generator) != shape[0]:
-            raise ValueError(f"got {len(generator)} per-example generators for a batch of {shape[0]}")
-        z = torch.stack([torch.randn(tuple(shape[1:]), generator=g, dtype=dtype) for g in generator])
-    else:
-        z = torch.randn(tuple(shape), generator=generator, dtype=dtype)
-    return z.to(device)
 
 
 def prior_noise(sigmas: torch.Tensor, shape: Sequence[int], *, generator: Generators = None, device=None,

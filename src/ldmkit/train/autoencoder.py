@@ -29,7 +29,7 @@ from ldmkit.autoencoder import PRESETS as AE_PRESETS, AutoencoderConfig, Autoenc
 from ldmkit.autoencoder.loss import (PRESETS as LOSS_PRESETS, LossConfig, build_discriminator, disc_factor,
                                      discriminator_loss, generator_loss, init_output_logvar)
 from ldmkit.checkpoint import write_bytes
-from ldmkit.diffusion.samplers import example_seed
+from ldmkit.seeding import example_seed
 from ldmkit.train import common
 from ldmkit.train.args import load_data, resolve_config, train_parser
 from ldmkit.train.common import TrainConfig

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from ldmkit.conditioning import (CLIPConfig, CLIPModel, TextConfig, Tokenizer, ViTConfig, clip_loss,
                                  clip_loss_gathered, gather_features, train_tokenizer)
 from ldmkit.data.shapes import redraw
-from ldmkit.diffusion.samplers import example_seed
+from ldmkit.seeding import example_seed
 from ldmkit.train import common
 from ldmkit.train.args import load_data, resolve_config, train_parser
 from ldmkit.train.clip_negatives import (HARD_NEGATIVE_ATTRIBUTES, exhaustive_negatives, hard_negative,  # noqa: F401

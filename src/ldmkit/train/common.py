@@ -29,6 +29,7 @@ from ldmkit.checkpoint import (load_safetensors, load_state, provenance, read_js
                                write_json)
 from ldmkit.config import to_dict
 from ldmkit.nn import bf16_is_fast
+from ldmkit.seeding import seed_everything
 from ldmkit.train.optim import (adamw, clip_grad, ema_update, lr_at, make_adamw,  # noqa: F401 (re-exported)
                                 match_param_layout, set_lr, unwrap)
 from ldmkit.train.distributed import all_reduce_mean, init_distributed, wrap_ddp  # noqa: F401 (re-exported)
@@ -78,11 +79,6 @@ def resolve_device(name: str = "auto") -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} requested but CUDA is not available; use --set train.device=cpu")
     return dev
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def autocast(device: torch.device, precision: str):
@@ -136,11 +132,6 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int, rank: int = 0,
         sel = epochs == e
         idx[sel] = _epoch_perm(n, seed, e)[pos[sel]]
     return idx, g
-
-
-def index_generator(seed: int, index: int) -> torch.Generator:
-    """A generator seeded by (seed, global index): draws that do not depend on batch layout."""
-    return torch.Generator().manual_seed((seed * 6364136223846793005 + index * 1442695040888963407) % (2**63))
 
 
 # ----------------------------------------------------------------------------- the run directory

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from ldmkit.diffusion.objectives import draw_training_noise, logit_normal_time, make_denoiser
-from ldmkit.diffusion.samplers import example_seed
+from ldmkit.seeding import example_seed
 from ldmkit.diffusion.schedules import NUM_TRAIN_STEPS
 from ldmkit.train import common
 from ldmkit.train.common import TrainConfig
@@ -169,7 +169,7 @@ def train_one_step(cfg: DistillStage, out, pipeline_dir, data_dir: str | None = 
     """A one-call student of the guidance-distilled denoiser's `one_step_from`-step sampler (see the docstring)."""
     from ldmkit.config import from_dict
     from ldmkit.data import load_dataset
-    from ldmkit.diffusion.samplers import example_generators, randn
+    from ldmkit.seeding import example_generators, randn
     from ldmkit.pipeline import Guidance, Pipeline, PromptEncoder, sample_latents
     root, out = Path(pipeline_dir), Path(out)
     pipe = Pipeline.load(root)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ldmkit.autoencoder.latents import encode_dataset, load_latent_cache, save_latent_cache
-from ldmkit.diffusion.samplers import example_generators
+from ldmkit.seeding import example_generators
 
 
 def _cache_name(spec: str, split: str, n: int) -> str:

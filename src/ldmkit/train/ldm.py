@@ -18,7 +18,7 @@ import torch
 
 from ldmkit.diffusion.dit import PRESETS as DIT_PRESETS, DiTConfig
 from ldmkit.diffusion.objectives import Objective, training_loss
-from ldmkit.diffusion.samplers import example_seed
+from ldmkit.seeding import example_seed
 from ldmkit.diffusion.unet import PRESETS as UNET_PRESETS, UNetConfig
 from ldmkit.train import common
 from ldmkit.train.args import load_data, resolve_config, train_parser
