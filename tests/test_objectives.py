@@ -8,6 +8,7 @@ from torch import nn
 
 from conftest import require
 from ldmkit.diffusion import samplers as S
+from ldmkit.seeding import example_generators
 from ldmkit.diffusion.objectives import (Objective, draw_training_noise, logit_normal_time, make_denoiser,
                                          min_snr_weight, training_loss)
 from ldmkit.diffusion.schedules import FlowSchedule, get_schedule
@@ -253,7 +254,7 @@ def test_every_objective_overfits_eight_latents(name, one_thread):
     sigmas = obj.get_schedule().sample_sigmas(30)
     median_bound = 0.35 if obj.kind == "eps" else 0.1  # eps errors are amplified by sigma_max at the first steps
     for sampler in ("euler", "dpmpp-2m"):
-        x = S.prior_noise(sigmas, (64, 2, 4, 4), generator=S.example_generators(0, range(64)))
+        x = S.prior_noise(sigmas, (64, 2, 4, 4), generator=example_generators(0, range(64)))
         out = S.get_sampler(sampler)(lambda x, s: denoise(x, s), x, sigmas)
         dist = torch.cdist(out.flatten(1), data.flatten(1)).min(1).values / math.sqrt(32)  # RMS per element
         # (a standard-normal draw lies ~1.3 from the nearest training point)

@@ -7,6 +7,7 @@ import torch
 
 from conftest import require
 from ldmkit.diffusion import samplers as S
+from ldmkit.seeding import example_generators
 from ldmkit.diffusion import schedules as sch
 from ldmkit.diffusion.objectives import Objective, make_denoiser
 
@@ -113,7 +114,7 @@ def test_bad_inputs_fail_loudly():
     with pytest.raises(ValueError, match="spacing"):
         sch.get_schedule("linear").sample_sigmas(10, "uniform")
     with pytest.raises(ValueError, match="per-example generators"):
-        S.prior_noise(torch.tensor([1.0, 0.0]), (3, 4), generator=S.example_generators(0, [0, 1]))
+        S.prior_noise(torch.tensor([1.0, 0.0]), (3, 4), generator=example_generators(0, [0, 1]))
 
 
 # ------------------------------------------------------------------------------------ closed-form checks
@@ -168,7 +169,7 @@ def test_per_example_generators_make_images_batch_independent(name):
     kw = {"eta": 0.5} if name == "ddim" else {}
 
     def run(indices):
-        gens = S.example_generators(7, indices)
+        gens = example_generators(7, indices)
         x = S.prior_noise(sigmas, (len(indices), 4), generator=gens)
         return S.get_sampler(name)(gaussian_denoiser, x, sigmas, generator=gens, **kw)
 
