@@ -200,7 +200,7 @@ def test_interval_is_half_open_and_per_example():
 
 def test_apg_with_eta_one_and_nothing_else_is_cfg():
     den, x, sigma, cond, uncond = setup(batch=3)
-    apg = guided_denoiser(den, cond, uncond, 4.0, mode="apg", apg=APGConfig(eta=1.0))
+    apg = guided_denoiser(den, cond, uncond, 4.0, mode="apg", apg=APGConfig(eta=1.0, momentum=0.0))
     torch.testing.assert_close(apg(x, sigma), cfg(den, cond, uncond, 4.0)(x, sigma), atol=1e-5, rtol=1e-5)
 
 
@@ -223,7 +223,8 @@ def test_apg_threshold_caps_the_update_norm():
     w, r = 5.0, 0.5
     d_c, d_u = den(x, sigma, cond), den(x, sigma, uncond)
     assert (d_c - d_u).flatten(1).norm(dim=1).min() > r  # the cap is active on every row
-    out = guided_denoiser(den, cond, uncond, w, mode="apg", apg=APGConfig(eta=1.0, norm_threshold=r))(x, sigma)
+    conf = APGConfig(eta=1.0, momentum=0.0, norm_threshold=r)
+    out = guided_denoiser(den, cond, uncond, w, mode="apg", apg=conf)(x, sigma)
     norms = (out - d_c).flatten(1).norm(dim=1) / (w - 1)
     torch.testing.assert_close(norms, torch.full((3,), r), atol=1e-5, rtol=1e-5)
 

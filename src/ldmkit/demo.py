@@ -222,7 +222,7 @@ def metrics_section(pipes: dict[str, Path], fashion: Pipeline, fresh: int) -> tu
             "distilled": "onestep", "steps": 1, "decoder": "fast" if fast else "full"}
     for name, kw in configs.items():
         t = time.perf_counter()
-        g = fashion.distilled_guidance() if kw.get("distilled") else fashion.guidance()
+        g = fashion.guidance(distilled=bool(kw.get("distilled")))
         images = fashion.generate(prompts, guidance=g, seed=1, progress=False, micro_batch=64, **kw)
         secs = time.perf_counter() - t
         s = score_images(model, images, labels, xte, xtr, real_test_labels=yte)

@@ -17,7 +17,7 @@ depend on how many others are generated with it or on the batch size.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -29,7 +29,7 @@ from ldmkit.checkpoint import read_json
 from ldmkit.diffusion.objectives import make_denoiser
 from ldmkit.diffusion.samplers import get_sampler
 from ldmkit.seeding import example_generators, randn
-from ldmkit.guidance.cfg import APGConfig, guided_denoiser
+from ldmkit.guidance.cfg import Guidance
 from ldmkit.guidance.classifier import classifier_grad_fn, classifier_guidance
 from ldmkit.images import from_uint8_nhwc, to_uint8_nhwc
 from ldmkit.nn import in_precision
@@ -38,17 +38,6 @@ from ldmkit.nn import in_precision
 # depend on which images share its batch. 16 keeps one-image requests cheap; bulk sampling runs faster with 64 (the
 # Fashion-MNIST UNet's forward over 128 rows: 443 ms in chunks of 16, 257 ms in chunks of 64, one thread).
 MICRO_BATCH = 16
-
-
-@dataclass(frozen=True)
-class Guidance:
-    scale: float = 3.0                       # w: 1 = conditional, 0 = unconditional (Ho & Salimans write 1 + w)
-    mode: str = "cfg"                        # cfg | apg (adaptive projected guidance)
-    rescale: float = 0.0                     # guidance rescale phi (Lin et al. 2023); 0 = off
-    interval: tuple[float, float] | None = None  # guide only for sigma in (lo, hi]; None = every step
-    negative_prompt: str | None = None       # replaces the unconditional prediction for every prompt
-    classifier_scale: float = 0.0            # classifier guidance strength s; 0 = off
-    apg: APGConfig = APGConfig(eta=0.0, momentum=-0.5)  # mode="apg": Sadat et al.'s eta = 0, beta = -0.5
 
 
 def fixed_chunks(fn, micro: int = MICRO_BATCH):
@@ -124,8 +113,7 @@ def sample_latents(backbone, objective, encode: PromptEncoder, prompts: Sequence
     cond = encode(prompts)
     uncond = encode([guidance.negative_prompt]) if guidance.negative_prompt is not None else \
         {**cond, "drop": torch.ones(len(prompts), dtype=torch.bool)}
-    fn = guided_denoiser(denoise, cond, uncond, guidance.scale, mode=guidance.mode, rescale=guidance.rescale,
-                         interval=guidance.interval, rescale_space=_space(objective), apg=guidance.apg)
+    fn = guidance.wrap(denoise, cond, uncond, rescale_space=_space(objective))
     if guidance.classifier_scale:
         if classifier is None or class_labels is None:
             raise ValueError("classifier guidance needs a pipeline with classifier/ and a class per prompt "
@@ -275,14 +263,20 @@ class Pipeline:
         return (mean - self.shift_factor) * self.scale_factor
 
     # ------------------------------------------------------------------ sampling
-    def guidance(self, guidance=None, **kw) -> Guidance:
-        """Guidance settings; the scale and the rescale phi default to the pipeline's (pipeline.json `defaults`).
-        The default phi corrects over-guidance, so it applies only at scales above 1 (at w <= 1 the model is not
-        pushed past its conditional prediction); a phi passed explicitly applies as given."""
-        scale = self.defaults["guidance"] if guidance is None else guidance
-        if kw.get("rescale") is None:
-            kw["rescale"] = float(self.defaults.get("guidance_rescale", 0.0)) if scale > 1 else 0.0
-        return Guidance(scale=float(scale), **kw)
+    def guidance(self, scale: float | None = None, *, rescale: float | None = None, distilled: bool = False,
+                 **kw) -> Guidance:
+        """The guidance settings of a call, with the pipeline's defaults filled in (the one place they are):
+        scale and rescale phi from pipeline.json's `defaults`, the default phi only at scales above 1 (at w <= 1
+        the model is not pushed past its conditional prediction; a phi given explicitly applies as given). With
+        `distilled`, the w and phi the distilled denoiser reproduces. Other keywords are `Guidance` fields."""
+        if distilled:
+            base = self.distilled_guidance()
+            scale = base.scale if scale is None else scale
+            rescale = base.rescale if rescale is None else rescale
+        scale = float(self.defaults["guidance"] if scale is None else scale)
+        if rescale is None:
+            rescale = float(self.defaults.get("guidance_rescale", 0.0)) if scale > 1 else 0.0
+        return Guidance(scale=scale, rescale=float(rescale), **kw)
 
     def generate(self, prompts: Sequence[str], *, guidance: Guidance, steps: int | None = None,
                  sampler: str | None = None, seed: int = 0, batch_size: int = 64, class_labels=None,
@@ -330,18 +324,19 @@ class Pipeline:
         bar.close()
         return np.concatenate(out)
 
-    def __call__(self, prompts: Sequence[str] | str, num: int = 1, *, negative_prompt: str | None = None,
-                 guidance: float | None = None, guidance_mode: str = "cfg", guidance_rescale: float | None = None,
-                 guidance_interval: tuple[float, float] | None = None, classifier_scale: float = 0.0,
-                 class_label: int | None = None, apg: APGConfig | None = None, **kw) -> np.ndarray:
+    def __call__(self, prompts: Sequence[str] | str, num: int = 1, *, guidance: float | Guidance | None = None,
+                 class_label: int | None = None, **kw) -> np.ndarray:
         """`num` images per prompt, rows prompt by prompt -> uint8 (N, H, W, C) at the dataset's native size.
-        `guidance` and `guidance_rescale` left as None take the pipeline's defaults."""
+        `guidance`: a scale (None = the pipeline's default) or a `Guidance`; `Guidance` fields may also be given as
+        keywords (negative_prompt=, rescale=, interval=, mode=, classifier_scale=, apg=). Other keywords go to
+        `generate` (steps, sampler, seed, decoder, distilled, ...)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         rows = [p for p in prompts for _ in range(num)]
-        g = self.guidance(guidance, mode=guidance_mode, rescale=guidance_rescale, interval=guidance_interval,
-                          negative_prompt=negative_prompt, classifier_scale=classifier_scale,
-                          **({} if apg is None else {"apg": apg}))
-        labels = self.class_labels(rows, class_label) if classifier_scale else None
+        fields = {k: kw.pop(k) for k in ("negative_prompt", "rescale", "interval", "mode", "classifier_scale", "apg")
+                  if k in kw}
+        g = guidance if isinstance(guidance, Guidance) else \
+            self.guidance(guidance, distilled=bool(kw.get("distilled")), **fields)
+        labels = self.class_labels(rows, class_label) if g.classifier_scale else None
         return self.generate(rows, guidance=g, class_labels=labels, **kw)
 
     def class_labels(self, prompts: Sequence[str], class_label: int | None = None) -> list[int]:
@@ -358,7 +353,7 @@ class Pipeline:
 
     def img2img(self, images: np.ndarray, prompts: Sequence[str], strength: float = 0.6, **kw) -> np.ndarray:
         """SDEdit (Meng et al. 2022): encode, noise to `strength` of the schedule, denoise with the prompts."""
-        guidance = self.guidance(kw.pop("guidance", None))
+        guidance = _as_guidance(self, kw.pop("guidance", None))
         return self.generate(list(prompts), guidance=guidance, init_latents=self.encode_images(images),
                              strength=strength, **kw)
 
@@ -371,7 +366,7 @@ class Pipeline:
         the autoencoder's own reconstruction error). With `paste_unmasked` (the default) the input's pixels are
         put back wherever the mask is 0, so the unmasked region is exactly the input; False returns the decoder's
         output everywhere."""
-        guidance = self.guidance(kw.pop("guidance", None))
+        guidance = _as_guidance(self, kw.pop("guidance", None))
         known = self.encode_images(images)
         mask = np.asarray(mask)
         if mask.shape != np.asarray(images).shape[:3]:
@@ -386,3 +381,7 @@ class Pipeline:
         if paste_unmasked:
             out = np.where(mask[..., None] > 0, out, np.asarray(images, dtype=np.uint8))
         return out
+
+
+def _as_guidance(pipe: Pipeline, guidance: float | Guidance | None) -> Guidance:
+    return guidance if isinstance(guidance, Guidance) else pipe.guidance(guidance)

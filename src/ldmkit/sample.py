@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from ldmkit.checkpoint import write_bytes
+from ldmkit.guidance.cfg import APG_DEFAULTS, APGConfig
+from ldmkit.pipeline import Pipeline
 
 
 def parse_interval(text: str | None):
@@ -65,9 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance-rescale", type=float, default=None, metavar="PHI", help="guidance rescale phi "
                    "(0 = plain CFG); default: the pipeline's")
     p.add_argument("--guidance-mode", choices=["cfg", "apg"], default="cfg")
-    p.add_argument("--apg-eta", type=float, default=0.0, help="APG: weight of the update parallel to D_c")
-    p.add_argument("--apg-momentum", type=float, default=-0.5, help="APG: momentum beta (negative)")
-    p.add_argument("--apg-threshold", type=float, default=0.0, help="APG: norm threshold r (0 = off)")
+    p.add_argument("--apg-eta", type=float, default=APG_DEFAULTS.eta, help="APG: weight of the update parallel to D_c")
+    p.add_argument("--apg-momentum", type=float, default=APG_DEFAULTS.momentum, help="APG: momentum beta (negative)")
+    p.add_argument("--apg-threshold", type=float, default=APG_DEFAULTS.norm_threshold,
+                   help="APG: norm threshold r (0 = off)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -126,31 +129,23 @@ def check_args(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_args(args)
-    from ldmkit.guidance.cfg import APGConfig
-    from ldmkit.pipeline import Pipeline
     pipe = Pipeline.load(args.pipeline)
-    fixed = args.distilled or args.one_step  # guidance fixed by distillation
-    default_w = pipe.distilled_guidance().scale if fixed else pipe.defaults["guidance"]
-    guidance = default_w if args.guidance is None else args.guidance
+    distilled = "onestep" if args.one_step else args.distilled
+    g = pipe.guidance(args.guidance, rescale=args.guidance_rescale, distilled=bool(distilled),
+                      mode=args.guidance_mode, interval=args.guidance_interval, negative_prompt=args.negative_prompt,
+                      classifier_scale=args.classifier_scale,
+                      apg=APGConfig(args.apg_eta, args.apg_momentum, args.apg_threshold))
     sampler = args.sampler or pipe.defaults["sampler"]
     steps = args.steps or (1 if args.one_step else pipe.defaults["steps"])
-    rescale = pipe.guidance(guidance, rescale=args.guidance_rescale).rescale  # the pipeline's phi unless given
-    if fixed and args.guidance_rescale is None:
-        rescale = pipe.distilled_guidance().rescale
-    images = pipe(args.prompt, args.num, negative_prompt=args.negative_prompt, guidance=guidance,
-                  guidance_mode=args.guidance_mode, guidance_rescale=rescale,
-                  guidance_interval=args.guidance_interval, classifier_scale=args.classifier_scale,
-                  class_label=args.class_label, apg=APGConfig(args.apg_eta, args.apg_momentum, args.apg_threshold),
-                  steps=steps, sampler=sampler, seed=args.seed,
-                  batch_size=args.batch_size, micro_batch=args.micro_batch, precision=args.precision,
-                  decoder=args.decoder, distilled="onestep" if args.one_step else args.distilled,
-                  progress=not args.no_progress)
+    images = pipe(args.prompt, args.num, guidance=g, class_label=args.class_label, steps=steps, sampler=sampler,
+                  seed=args.seed, batch_size=args.batch_size, micro_batch=args.micro_batch, precision=args.precision,
+                  decoder=args.decoder, distilled=distilled, progress=not args.no_progress)
     rows = [p for p in args.prompt for _ in range(args.num)]
     labels = labels_for(rows)
     if args.class_label is not None:  # the class the images were guided toward
         labels[:] = args.class_label
-    save_samples(args.out, images, rows, labels, guidance=float(guidance), sampler=sampler, steps=int(steps),
-                 seed=int(args.seed), guidance_rescale=float(rescale), decoder=args.decoder,
+    save_samples(args.out, images, rows, labels, guidance=g.scale, sampler=sampler, steps=int(steps),
+                 seed=int(args.seed), guidance_rescale=g.rescale, decoder=args.decoder,
                  distilled="onestep" if args.one_step else ("guidance" if args.distilled else "none"))
     print(f"wrote {len(images)} images to {args.out}", file=sys.stderr)
     return 0

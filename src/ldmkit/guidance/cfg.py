@@ -140,15 +140,38 @@ def _flat_dims(x: torch.Tensor) -> list[int]:
 @dataclass(frozen=True)
 class APGConfig:
     """Adaptive projected guidance (Sadat et al. 2024, "Eliminating Oversaturation and Artifacts of High Guidance
-    Scales in Diffusion Models"). Defaults reduce APG to CFG; the paper uses eta=0, momentum=-0.5, r of a few units."""
+    Scales in Diffusion Models"); the defaults are the paper's. With eta=1, momentum=0 and no threshold APG is CFG."""
 
-    eta: float = 1.0  # weight of the update's component parallel to D_c (0 removes it: the oversaturating part)
-    momentum: float = 0.0  # beta of the running sum avg <- diff + beta * avg across sampler steps (negative: -0.5)
+    eta: float = 0.0  # weight of the update's component parallel to D_c (0 removes it: the oversaturating part)
+    momentum: float = -0.5  # beta of the running sum avg <- diff + beta * avg across sampler steps
     norm_threshold: float = 0.0  # r: rescale the update to L2 norm <= r per example; 0 disables
 
     def __post_init__(self):
         if self.norm_threshold < 0:
             raise ValueError(f"APGConfig.norm_threshold={self.norm_threshold} must be >= 0 (0 disables it)")
+
+
+APG_DEFAULTS = APGConfig()
+
+
+@dataclass(frozen=True)
+class Guidance:
+    """Every guidance setting of one sampling call, from the CLI, the Python API and the web UI down to the guided
+    denoiser (`Guidance.wrap`). The scale follows the convention of this module: 1 is the conditional model."""
+
+    scale: float = 3.0                       # w: 1 = conditional, 0 = unconditional (Ho & Salimans write 1 + w)
+    mode: str = "cfg"                        # cfg | apg (adaptive projected guidance, configured by `apg`)
+    rescale: float = 0.0                     # guidance rescale phi (Lin et al. 2023); 0 = off
+    interval: tuple[float, float] | None = None  # guide only for sigma in (lo, hi]; None = every step
+    negative_prompt: str | None = None       # its prediction replaces the unconditional one for every prompt
+    classifier_scale: float = 0.0            # classifier guidance strength s; 0 = off
+    apg: APGConfig = APGConfig()             # mode="apg" only
+
+    def wrap(self, denoise: CondDenoiser, cond: Cond, uncond: Cond, rescale_space: str = "eps") -> "GuidedDenoiser":
+        """The guided denoiser of these settings (classifier guidance is added by the caller, which holds the
+        classifier: `ldmkit.guidance.classifier.classifier_guidance`)."""
+        return GuidedDenoiser(denoise, cond, uncond, self.scale, mode=self.mode, rescale=self.rescale,
+                              rescale_space=rescale_space, interval=self.interval, apg=self.apg)
 
 
 def project(v: torch.Tensor, onto: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -170,7 +170,8 @@ def train_one_step(cfg: DistillStage, out, pipeline_dir, data_dir: str | None = 
     from ldmkit.config import from_dict
     from ldmkit.data import load_dataset
     from ldmkit.seeding import example_generators, randn
-    from ldmkit.pipeline import Guidance, Pipeline, PromptEncoder, sample_latents
+    from ldmkit.guidance.cfg import Guidance
+    from ldmkit.pipeline import Pipeline, PromptEncoder, sample_latents
     root, out = Path(pipeline_dir), Path(out)
     pipe = Pipeline.load(root)
     st = pipe.spec["stages"]

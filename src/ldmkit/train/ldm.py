@@ -165,7 +165,8 @@ def train(cfg: LDMConfig, out, spec: str, ds, ae_dir: str, text_spec: str, resum
 def sample_grid(backbone, cfg: LDMConfig, encode, prompts: list[str], ae, path: Path, per_prompt: int = 8) -> None:
     """A grid with one row per prompt, sampled with the preset's default sampler and guidance."""
     from ldmkit.images import save_grid
-    from ldmkit.pipeline import Guidance, sample_latents
+    from ldmkit.guidance.cfg import Guidance
+    from ldmkit.pipeline import sample_latents
     c, s = cfg.conditioning, cfg.sample
     rows = [p for p in prompts for _ in range(per_prompt)]
     was = backbone.training
