@@ -202,13 +202,8 @@ PRESETS = {
     "tiny": LossConfig(perceptual_weight=0.1, featnet_steps=20, disc_start=5, discriminator=DISC_PRESETS["tiny"]),
     "fashion-mnist": LossConfig(perceptual_weight=0.1, disc_start=2000,
                                 discriminator=DISC_PRESETS["fashion-mnist"]),
-    # Shapes: L2 (see the training preset) and kl_weight 1e-4. At 1e-6 (the Fashion-MNIST value) one latent
-    # channel's mean grew to ~80 (KL 2e5 nats, latent std 40): one scale factor then shrinks the other channels ~40x
-    # in the denoiser's space, and the decoder, trained on posterior samples only, decoded the mean badly (8.5 dB
-    # against 23.4 dB for a sample). 1e-4 prices 2e5 nats at 20 and leaves a few thousand nats nearly free; it
-    # still capped the latent's information (8 latent channels carried 3,942 nats against 4 channels' 3,438, and
-    # the judge read their reconstructions' shapes 91.3% against 89.5%: small shapes stay blobs), so 1e-5: 9,008
-    # nats, latent std 2.28 (no runaway channel), 37.25 dB against 36.45 at 1e-4, 12 idle minutes each.
+    # Shapes: L2 (the few wrong shape pixels must outweigh the many right background ones); KL weight 1e-5:
+    # 1e-6 let one channel's mean run away, 1e-4 capped the latent's information (docs/benchmarks.md)
     "shapes": LossConfig(rec="l2", perceptual_weight=0.1, kl_weight=1e-5, disc_start=2000,
                          discriminator=DISC_PRESETS["shapes"]),
     "sd": LossConfig(perceptual="vgg16", discriminator=DISC_PRESETS["sd"]),  # set vgg16_path (+ heads)

@@ -354,11 +354,8 @@ PRESETS = {
     "tiny": UNetConfig(channels=16, channel_mults=(1, 1), blocks_per_level=(1, 1), attention_levels=(True, True),
                        mid_attention=True, head_dim=8, context_dim=32, pooled_dim=32, emb_dim=32, freq_dim=32,
                        norm_groups=8),
-    # ~4.0M params on 4x8x8 latents: 32 ch at 8x8, 128 at 4x4 and 2x2, attention at 4x4, 2x2 and in the middle.
-    # Against the earlier 64 / 128 / 128 without middle attention (4.04M): the same size, ~9% faster to train
-    # (fewer FLOPs at 8x8, more parameters where the maps are small; benchmarks/bench_backbone_speed.py)
+    # ~4.0M params on 4x8x8 latents: 32 ch at 8x8, 128 at 4x4 and 2x2 (parameters where maps are small are cheap)
     "fashion-mnist": UNetConfig(channels=32, channel_mults=(1, 4, 4), mid_attention=True),
-    # captioned shapes' 16x16 latents (the shapes autoencoder downsamples 2x): 64 ch at 16x16, 128 at 8x8 and
-    # 4x4, attention at 8x8 and 4x4; latent channels in and out are set from the autoencoder when training
+    # captioned shapes' 16x16 latents: 64 ch at 16x16, 128 at 8x8 and 4x4, attention at 8x8 and 4x4
     "shapes": UNetConfig(),
 }

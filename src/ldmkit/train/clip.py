@@ -96,18 +96,9 @@ PRESETS = {
         train=TrainConfig(steps=2200, batch_size=128, lr=1e-3, warmup_steps=180, weight_decay=0.05,
                           betas=(0.9, 0.98), ema_halflife_steps=90, precision="bf16", log_every=100,
                           ckpt_every=400),  # about 8 minutes on 2 AVX512-BF16 cores
-        shift=2, hflip=True, caption_noise=0.5),
-    # Shapes: 16 tokens from a conv stem, sin-cos position table, the text tower locked at its initialisation for
-    # the first half of the schedule (LiT-style), both towers started centred (center_init), and every image
-    # contrasted with its own caption under each other shape (exhaustive_negatives) plus one with the colour or the
-    # position changed. Shape is the attribute neither tower sees at the start: with a single random hard negative
-    # (shape 2:1:1) and no centring, 1300 steps reach colour 100%, position 100% and shape 78% (8 min), and shape
-    # on held-out pairs 25% (a linear probe on the image features finds shape at 33% after 500 steps: the image
-    # tower had not learned it). 1300 steps at 1 thread: exhaustive shape negatives 89.7% shape (63% on held-out
-    # pairs), with the centred start 93.0% (72%). On an idle 2-core AVX512-BF16 CPU (bench_clip.py) 1100 steps in
-    # 8 minutes left shape at 89.9%; this preset's 11 minutes fit 1486 steps: shape 93.2% (held-out pairs 69.7%),
-    # colour 100%, position 100%, size 99.3%, t2i R@1 99.1% (held-out pairs 99.3%). Steps after the lock cost ~1.7x
-    # those before it (the exhaustive negatives' backward).
+        shift=2, hflip=True,  # shifts of up to 2 pixels and mirroring as augmentation
+        caption_noise=0.5),  # half the captions get 1-3 random letter strings: robustness to noise words
+    # Shapes: the shape of a small object is visible to neither tower at the start (docs/benchmarks.md: evidence)
     "shapes": CLIPStage(
         model=CLIPConfig(text=TextConfig(vocab_size=512, max_length=40, width=128, layers=3, heads=4),
                          vision=ViTConfig(image_size=32, channels=3, patch_size=8, width=128, layers=4, heads=4,
@@ -116,8 +107,11 @@ PRESETS = {
         train=TrainConfig(steps=1500, batch_size=128, lr=1e-3, warmup_steps=95, weight_decay=0.05,
                           betas=(0.9, 0.98), ema_halflife_steps=47, precision="bf16", log_every=100,
                           ckpt_every=200),  # about 11 minutes on 2 AVX512-BF16 cores
-        shift=1, hard_negatives=1.0, hard_negative_weights=(0.0, 1.0, 1.0), exhaustive_negatives=("shape",),
-        center_init=1024, lock_text_steps=750),
+        shift=1,  # no mirroring: left and right are words of the captions
+        hard_negatives=1.0, hard_negative_weights=(0.0, 1.0, 1.0),  # one caption with colour or position changed
+        exhaustive_negatives=("shape",),  # and the caption under every other shape
+        center_init=1024,  # both towers start centred on 1,024 examples: one word moves a caption's embedding
+        lock_text_steps=750),  # the text tower stays at its start for the first half (LiT-style)
 }
 
 
