@@ -30,8 +30,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_backbone_speed import (measure_peak, positive_int, repeat_runs, time_interleaved,  # noqa: E402
-                                  write_result)
+from bench_backbone_speed import measure_peak, positive_int, repeat_runs, time_interleaved, write_result  # noqa: E402
 
 from ldmkit.autoencoder.vae import PRESETS as AE_PRESETS  # noqa: E402
 from ldmkit.autoencoder.vae import AutoencoderKL  # noqa: E402

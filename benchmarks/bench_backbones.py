@@ -34,7 +34,8 @@ from ldmkit.config import apply_overrides  # noqa: E402
 from ldmkit.data import load_dataset  # noqa: E402
 from ldmkit.pipeline import Pipeline, PromptEncoder  # noqa: E402
 from ldmkit.train import ldm  # noqa: E402
-from ldmkit.train.pipeline import PRESETS as PIPELINE_PRESETS, write_pipeline_json  # noqa: E402
+from ldmkit.train.pipeline import PRESETS as PIPELINE_PRESETS  # noqa: E402
+from ldmkit.train.pipeline import write_pipeline_json
 
 ARMS = {"unet": "fashion-mnist", "dit": "fashion-mnist-dit"}
 SHARED = ("autoencoder", "clip", "eval-classifier")

@@ -31,10 +31,10 @@ import torch
 
 from ldmkit.checkpoint import provenance, write_json
 from ldmkit.data import FASHION_CLASSES, HELDOUT_TEMPLATES, fill_template
+from ldmkit.data.fashion import fashion_uint8
 from ldmkit.eval.classifier import score_images
 from ldmkit.eval.score import load_eval_classifier
 from ldmkit.pipeline import Pipeline
-from ldmkit.data.fashion import fashion_uint8
 
 
 def class_prompts(per_class: int, templates: list[str] | None, seed: int = 0) -> tuple[list[str], list[int]]:

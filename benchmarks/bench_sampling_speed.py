@@ -42,9 +42,9 @@ from bench_autoencoder_speed import make_diffusers  # noqa: E402
 from bench_pipeline import Scorer, class_prompts  # noqa: E402
 
 from ldmkit.checkpoint import provenance, write_json  # noqa: E402
-from ldmkit.seeding import example_generators, randn  # noqa: E402
 from ldmkit.nn import in_precision  # noqa: E402
 from ldmkit.pipeline import Pipeline  # noqa: E402
+from ldmkit.seeding import example_generators, randn  # noqa: E402
 
 
 def diffusers_vae(pipe: Pipeline):

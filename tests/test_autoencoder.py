@@ -9,13 +9,25 @@ import torch
 import torch.nn.functional as F
 from conftest import require
 
-from ldmkit.autoencoder import (PRESETS, AutoencoderConfig, AutoencoderKL, DiagonalGaussian, LossConfig,
-                                NLayerDiscriminator, DiscriminatorConfig, adaptive_gan_weight, disc_factor,
-                                discriminator_loss, encode_dataset, estimate_scale_factor, generator_loss,
-                                load_latent_cache, save_latent_cache)
+from ldmkit.autoencoder import (
+    PRESETS,
+    AutoencoderConfig,
+    AutoencoderKL,
+    DiagonalGaussian,
+    DiscriminatorConfig,
+    LossConfig,
+    NLayerDiscriminator,
+    adaptive_gan_weight,
+    disc_factor,
+    discriminator_loss,
+    encode_dataset,
+    estimate_scale_factor,
+    generator_loss,
+    load_latent_cache,
+    save_latent_cache,
+)
 from ldmkit.autoencoder.diffusers_io import config_from_diffusers
-from ldmkit.autoencoder.loss import (discriminator_adv_loss, generator_adv_loss, init_output_logvar, nll_loss,
-                                     pixel_loss)
+from ldmkit.autoencoder.loss import discriminator_adv_loss, generator_adv_loss, init_output_logvar, nll_loss, pixel_loss
 
 SMALL = AutoencoderConfig(in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
                           latent_channels=4, norm_groups=4)

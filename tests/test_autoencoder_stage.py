@@ -170,7 +170,8 @@ def test_eval_on_a_pipeline_dir_writes_json_and_npz(fashion_run, tmp_path):
 
 def test_reconstruct_sample_decodes_follow_the_posterior_std():
     """Sample decodes equal mode decodes when the posterior is a point mass and differ when it is wide."""
-    from ldmkit.autoencoder import PRESETS as AE_PRESETS, AutoencoderKL
+    from ldmkit.autoencoder import PRESETS as AE_PRESETS
+    from ldmkit.autoencoder import AutoencoderKL
     from ldmkit.autoencoder.posterior import DiagonalGaussian
     from ldmkit.data import load_dataset
     from ldmkit.eval.autoencoder_eval import reconstruct
@@ -193,7 +194,8 @@ def test_reconstruct_sample_decodes_follow_the_posterior_std():
 
 
 def test_posterior_cache_is_reused_only_for_the_same_weights(tmp_path, monkeypatch):
-    from ldmkit.autoencoder import PRESETS as AE_PRESETS, AutoencoderKL
+    from ldmkit.autoencoder import PRESETS as AE_PRESETS
+    from ldmkit.autoencoder import AutoencoderKL
     from ldmkit.data import load_dataset
     from ldmkit.train import latents
     ds = load_dataset("shapes", split="train", num=12)

@@ -10,9 +10,19 @@ import torch
 import torch.nn.functional as F
 from conftest import require
 
-from ldmkit.conditioning import (CLIP_PRESETS, CLIPModel, TextConfig, TextTransformer, Tokenizer,
-                                 clip_loss, clip_score, retrieval_recall,
-                                 train_tokenizer, zero_shot_accuracy, zero_shot_classifier)
+from ldmkit.conditioning import (
+    CLIP_PRESETS,
+    CLIPModel,
+    TextConfig,
+    TextTransformer,
+    Tokenizer,
+    clip_loss,
+    clip_score,
+    retrieval_recall,
+    train_tokenizer,
+    zero_shot_accuracy,
+    zero_shot_classifier,
+)
 from ldmkit.nn import naive_attention
 
 CAPTIONS = ["a red circle", "a blue square on the left", "a small green triangle", "a photo of a t-shirt",

@@ -15,8 +15,18 @@ import pytest
 import torch
 from PIL import Image
 
-from ldmkit.data import (FASHION_CLASSES, HELDOUT_TEMPLATES, TRAIN_TEMPLATES, captions_for_label, clear_cache,
-                         fashion_prompt, load_dataset, parse_class, to_float, to_uint8)
+from ldmkit.data import (
+    FASHION_CLASSES,
+    HELDOUT_TEMPLATES,
+    TRAIN_TEMPLATES,
+    captions_for_label,
+    clear_cache,
+    fashion_prompt,
+    load_dataset,
+    parse_class,
+    to_float,
+    to_uint8,
+)
 from ldmkit.data.fashion import load_fashion
 from ldmkit.data.folder import load_folder
 from ldmkit.data.shape_captions import BACKGROUNDS, COLORS, SHAPE_WORDS, SHAPES, SIZE_WORDS

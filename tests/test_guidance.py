@@ -5,11 +5,23 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import require
-from ldmkit.guidance import (APGConfig, ClassifierConfig, NoisyLatentClassifier, PRESETS, cat_cond, cfg,
-                             classifier_grad_fn, classifier_guidance, classifier_loss, encode_with_negative,
-                             guided_denoiser, log_sigma_input, unconditional)
+
+from ldmkit.guidance import (
+    PRESETS,
+    APGConfig,
+    ClassifierConfig,
+    NoisyLatentClassifier,
+    cat_cond,
+    cfg,
+    classifier_grad_fn,
+    classifier_guidance,
+    classifier_loss,
+    encode_with_negative,
+    guided_denoiser,
+    log_sigma_input,
+    unconditional,
+)
 
 C, H, W, T, D, P = 4, 8, 8, 5, 6, 3
 

@@ -6,10 +6,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ldmkit.autoencoder.featnet import (FeatNetConfig, gaussian_blur, load_featnet, random_translate,
-                                        save_featnet, train_featnet)
+from ldmkit.autoencoder.featnet import (
+    FeatNetConfig,
+    gaussian_blur,
+    load_featnet,
+    random_translate,
+    save_featnet,
+    train_featnet,
+)
 from ldmkit.autoencoder.lpips import LPIPS, load_lpips_heads, load_vgg16, lpips_vgg16
-
 
 # torchvision vgg16.features: conv layers at these indices, ReLU after each, max pools at 4, 9, 16, 23
 TV_CONVS = {0: (3, 64), 2: (64, 64), 5: (64, 128), 7: (128, 128), 10: (128, 256), 12: (256, 256),

@@ -9,9 +9,9 @@ import pytest
 import torch
 from conftest import require
 
-from ldmkit.eval.classifier import EvalClassifier, EvalClassifierConfig, PRESETS, score_images
-from ldmkit.train.eval_classifier import augment, train_eval_classifier
+from ldmkit.eval.classifier import PRESETS, EvalClassifier, EvalClassifierConfig, score_images
 from ldmkit.eval.metrics import PSNR_CAP_DB, frechet_distance, precision_recall, psnr, ssim
+from ldmkit.train.eval_classifier import augment, train_eval_classifier
 
 
 def read_idx(path, offset: int) -> np.ndarray:

@@ -4,15 +4,21 @@ import math
 
 import pytest
 import torch
+from conftest import require
 from torch import nn
 
-from conftest import require
 from ldmkit.diffusion import samplers as S
-from ldmkit.seeding import example_generators
-from ldmkit.diffusion.objectives import (Objective, draw_training_noise, logit_normal_time, make_denoiser,
-                                         min_snr_weight, training_loss)
+from ldmkit.diffusion.objectives import (
+    Objective,
+    draw_training_noise,
+    logit_normal_time,
+    make_denoiser,
+    min_snr_weight,
+    training_loss,
+)
 from ldmkit.diffusion.schedules import FlowSchedule, get_schedule
 from ldmkit.nn import timestep_embedding
+from ldmkit.seeding import example_generators
 
 OBJECTIVES = {
     "eps": Objective(kind="eps"),

@@ -193,6 +193,7 @@ def test_pooled_only_conditioning_ignores_the_tokens():
     """text_tokens=False: two prompts with the same pooled vector but different token states get the same
     denoiser output; with tokens they do not. The null condition ("") still differs from both."""
     import dataclasses
+
     from ldmkit.diffusion.unet import PRESETS, UNet
     from ldmkit.pipeline import PromptEncoder
     torch.manual_seed(0)

@@ -4,12 +4,12 @@ import math
 
 import pytest
 import torch
-
 from conftest import require
+
 from ldmkit.diffusion import samplers as S
-from ldmkit.seeding import example_generators
 from ldmkit.diffusion import schedules as sch
 from ldmkit.diffusion.objectives import Objective, make_denoiser
+from ldmkit.seeding import example_generators
 
 MU = torch.tensor([1.0, -0.5, 0.25, 2.0])  # data mean per dimension
 STD = torch.tensor([0.5, 1.0, 0.3, 1.5])  # data std per dimension

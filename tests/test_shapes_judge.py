@@ -6,8 +6,8 @@ import torch
 
 from ldmkit.data.shapes import heldout_pairs, load_shapes
 from ldmkit.eval.classifier import EvalClassifier
-from ldmkit.train.eval_classifier import augment
 from ldmkit.eval.shapes_judge import ATTRIBUTES, judge_config, load_judge, seen_mask
+from ldmkit.train.eval_classifier import augment
 from ldmkit.train.shapes_judge import train_judge
 
 

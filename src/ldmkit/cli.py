@@ -53,7 +53,7 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, 
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
-    from ldmkit.train.common import TrainingDiverged
+    from ldmkit.train.common import TrainingDiverged  # local: `ldmkit --help` stays free of torch
     return (*USER_ERRORS, TrainingDiverged)
 
 
@@ -82,7 +82,7 @@ def _dispatch(argv: list[str]) -> int:
         print(_usage())
         return 0
     if argv[0] == "--version":
-        from ldmkit import __version__
+        from ldmkit import __version__  # local: like every command, loaded only when asked for
         print(f"ldmkit {__version__}")
         return 0
     for n in (2, 1):

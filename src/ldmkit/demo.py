@@ -26,26 +26,23 @@ import torch
 from ldmkit import report as R
 from ldmkit.checkpoint import read_json, write_bytes, write_json
 from ldmkit.data import FASHION_CLASSES, fashion_prompt
-from ldmkit.seeding import example_generators, randn
+from ldmkit.data.fashion import fashion_uint8
+from ldmkit.eval.classifier import score_images
+from ldmkit.eval.clip_cli import fashion_zero_shot, image_features, load, test_split, text_features
 from ldmkit.eval.metrics import psnr
+from ldmkit.eval.score import load_eval_classifier
+from ldmkit.export import export
 from ldmkit.pipeline import Pipeline
+from ldmkit.seeding import example_generators, randn
+from ldmkit.stages import find_pipeline
+from ldmkit.train.pipeline import PRESETS, train_pipeline
 
-REPO = Path(__file__).resolve().parents[2]
 SHAPES_PROMPTS = ["a red circle in the top left", "a blue square in the bottom right",
                   "a large yellow star in the center", "a small green triangle at the top",
                   "a purple diamond on the left", "an orange cross on the right",
                   "a large white circle on a navy background", "a small blue star in the bottom left"]
 SCALES = (0.0, 1.0, 2.0, 3.0, 5.0)  # CFG scales of the guidance grid (1 = conditional, 0 = unconditional)
 CURVE_KEYS = {"autoencoder": ("rec", "perceptual"), "fast-decoder": ("rec", "loss")}  # others: "loss"
-
-
-def find_pipeline(name: str) -> Path:
-    """`pretrained/NAME` beside the working directory or in the ldmkit checkout; or a path as given."""
-    for cand in (Path(name), Path("pretrained") / name, REPO / "pretrained" / name):
-        if (cand / "pipeline.json").is_file():
-            return cand
-    raise FileNotFoundError(f"no pipeline {name!r}: expected pretrained/{name}/pipeline.json (in the ldmkit "
-                            "checkout), or pass a pipeline directory; `ldmkit demo --train` retrains it")
 
 
 class Timer:
@@ -99,7 +96,6 @@ def latent_space(pipe: Pipeline, test: np.ndarray, labels: np.ndarray, n: int) -
 
 def clip_section(pipe_dir: Path, n: int) -> tuple[str, dict]:
     """Zero-shot accuracy on test images and retrieval examples in both directions."""
-    from ldmkit.eval.clip_cli import fashion_zero_shot, image_features, load, test_split, text_features
     model, _, _ = load(pipe_dir)
     ds = test_split("fashion-mnist")
     images, labels = ds.images[:n], ds.labels["class"][:n]
@@ -189,9 +185,6 @@ def shapes_section(pipe: Pipeline) -> tuple[str, dict]:
 
 def metrics_section(pipes: dict[str, Path], fashion: Pipeline, fresh: int) -> tuple[str, dict]:
     """Stored metrics of every stage, and the generator scored again on fresh samples."""
-    from ldmkit.eval.classifier import score_images
-    from ldmkit.eval.score import load_eval_classifier
-    from ldmkit.data.fashion import fashion_uint8
     stored = []
     keys = {"autoencoder": ("test_psnr",), "clip": ("test_zero_shot_top1", "test_zero_shot_top1_heldout",
                                                     "shape", "color", "position"),
@@ -267,7 +260,6 @@ def curves_section(pipes: dict[str, Path]) -> tuple[str, dict]:
 
 # ----------------------------------------------------------------------------- the report
 def build_report(fashion_dir: Path, shapes_dir: Path | None, out: Path, fresh: int = 1000, n_test: int = 1000) -> dict:
-    from ldmkit.data.fashion import fashion_uint8
     t0 = time.perf_counter()
     torch.manual_seed(0)
     timer = Timer()
@@ -301,8 +293,6 @@ def build_report(fashion_dir: Path, shapes_dir: Path | None, out: Path, fresh: i
 
 def train_bundled(root: Path, progress: bool) -> tuple[Path, Path]:
     """`ldmkit train pipeline` for both presets into ROOT, each exported (bf16) beside it."""
-    from ldmkit.export import export
-    from ldmkit.train.pipeline import PRESETS, train_pipeline
     print("[demo] retraining both pipelines from scratch, as pretrained/ was made (fixed steps; on 2 AVX512-BF16 "
           "cores: fashion-mnist about 80 minutes, shapes about 45). Interrupted? Run the same command again: "
           "finished stages are kept and an interrupted one resumes.", file=sys.stderr, flush=True)

@@ -24,15 +24,26 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from ldmkit.checkpoint import read_json
+from ldmkit.data import parse_class
 from ldmkit.diffusion.objectives import make_denoiser
 from ldmkit.diffusion.samplers import get_sampler
-from ldmkit.seeding import example_generators, randn
 from ldmkit.guidance.cfg import Guidance
 from ldmkit.guidance.classifier import classifier_grad_fn, classifier_guidance
 from ldmkit.images import from_uint8_nhwc, to_uint8_nhwc
 from ldmkit.nn import in_precision
+from ldmkit.seeding import example_generators, randn
+from ldmkit.stages import (
+    load_autoencoder,
+    load_classifier,
+    load_denoiser,
+    load_distilled,
+    load_fast_decoder,
+    load_text_encoder,
+    weights_hash,
+)
 
 # Every network call runs on chunks of exactly this many rows (padded), for batch invariance: an image's bits do not
 # depend on which images share its batch. 16 keeps one-image requests cheap; bulk sampling runs faster with 64 (the
@@ -139,7 +150,6 @@ def _space(objective) -> str:
 
 
 def _check_hashes(root: Path, spec: dict) -> None:
-    from ldmkit.stages import weights_hash
     for name, entry in spec["stages"].items():
         got = weights_hash(root / entry["path"])
         if got != entry["sha256"]:
@@ -180,8 +190,6 @@ class Pipeline:
 
     @classmethod
     def load(cls, path: str | Path) -> "Pipeline":
-        from ldmkit.stages import (load_autoencoder, load_classifier, load_denoiser, load_distilled,
-                                   load_fast_decoder, load_text_encoder)
         root = Path(path)
         if not (root / "pipeline.json").exists():
             raise FileNotFoundError(f"{root} is not a pipeline directory (no pipeline.json); build one with "
@@ -307,7 +315,6 @@ class Pipeline:
             raise ValueError(f"strength={strength} must lie in [0, 1] (0 = keep the input, 1 = a new sample)")
         start = steps - int(round(strength * steps))
         out = []
-        from tqdm.auto import tqdm
         bar = tqdm(total=len(prompts), desc="sampling", disable=not progress, unit="img")
         for b in range(0, len(prompts), batch_size):
             sl = slice(b, b + batch_size)
@@ -341,7 +348,6 @@ class Pipeline:
 
     def class_labels(self, prompts: Sequence[str], class_label: int | None = None) -> list[int]:
         """The class each prompt names (for classifier guidance), or `class_label` for every prompt."""
-        from ldmkit.data import parse_class
         if class_label is not None:
             return [int(class_label)] * len(prompts)
         labels = [parse_class(p) for p in prompts]

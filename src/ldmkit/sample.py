@@ -19,7 +19,10 @@ from pathlib import Path
 import numpy as np
 
 from ldmkit.checkpoint import write_bytes
+from ldmkit.data import parse_class
+from ldmkit.diffusion.samplers import SAMPLERS
 from ldmkit.guidance.cfg import APG_DEFAULTS, APGConfig
+from ldmkit.images import grid, save_png
 from ldmkit.pipeline import Pipeline
 
 
@@ -35,7 +38,6 @@ def parse_interval(text: str | None):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ldmkit.diffusion.samplers import SAMPLERS
     p = argparse.ArgumentParser(allow_abbrev=False, prog="ldmkit sample", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("pipeline", help="pipeline directory (pipeline.json + stage directories)")
@@ -76,7 +78,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def labels_for(prompts: list[str]) -> np.ndarray:
-    from ldmkit.data import parse_class
     return np.array([(-1 if (y := parse_class(p)) is None else y) for p in prompts], dtype=np.int64)
 
 
@@ -85,7 +86,6 @@ def save_samples(path: str | Path, images: np.ndarray, prompts: list[str], label
     """Write the npz contract (loadable with allow_pickle=False) or a PNG grid, atomically."""
     path = Path(path)
     if path.suffix == ".png":
-        from ldmkit.images import grid, save_png
         save_png(grid(images, scale=2), path)
         return
     if path.suffix != ".npz":

@@ -7,12 +7,20 @@ so it never silently runs on another latent space.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
 
+from ldmkit.autoencoder import AutoencoderConfig, AutoencoderKL
+from ldmkit.autoencoder.fast_decoder import FastDecoder, FastDecoderConfig
 from ldmkit.checkpoint import file_hash, load_safetensors, read_json
+from ldmkit.conditioning import CLIPConfig, CLIPModel, MiniLMTextEncoder, Tokenizer
 from ldmkit.config import from_dict
+from ldmkit.diffusion.dit import DiT, DiTConfig
+from ldmkit.diffusion.objectives import Objective
+from ldmkit.diffusion.unet import UNet, UNetConfig
+from ldmkit.guidance.classifier import ClassifierConfig, NoisyLatentClassifier
 
 
 def stage_config(path: str | Path, stage: str) -> dict:
@@ -43,7 +51,6 @@ def _load_weights(model: torch.nn.Module, path: Path) -> torch.nn.Module:
 
 def load_autoencoder(path: str | Path):
     """(AutoencoderKL in eval mode, scale_factor, shift_factor) from an autoencoder stage directory."""
-    from ldmkit.autoencoder import AutoencoderConfig, AutoencoderKL
     path = Path(path)
     cfg = stage_config(path, "autoencoder")
     model = _load_weights(AutoencoderKL(from_dict(AutoencoderConfig, cfg["model"])), path)
@@ -58,7 +65,6 @@ def load_autoencoder(path: str | Path):
 
 def load_fast_decoder(path: str | Path):
     """(FastDecoder in eval mode, config dict) of a fast-decoder stage directory."""
-    from ldmkit.autoencoder.fast_decoder import FastDecoder, FastDecoderConfig
     path = Path(path)
     cfg = stage_config(path, "fast-decoder")
     return _load_weights(FastDecoder(from_dict(FastDecoderConfig, cfg["model"])), path), cfg
@@ -74,7 +80,6 @@ def load_distilled(path: str | Path):
 
 def load_clip(path: str | Path):
     """The CLIPModel (eval mode, with its tokenizer) of a CLIP stage directory."""
-    from ldmkit.conditioning import CLIPConfig, CLIPModel, Tokenizer
     path = Path(path)
     cfg = stage_config(path, "clip")
     model = CLIPModel(from_dict(CLIPConfig, cfg["model"]), Tokenizer.load(path / "tokenizer.json"))
@@ -87,21 +92,17 @@ def load_text_encoder(spec: str | Path):
     Returns (encoder, description dict with kind and weights hash).
     """
     if str(spec) == "minilm":
-        from ldmkit.conditioning import MiniLMTextEncoder
         return MiniLMTextEncoder(), {"kind": "minilm", "sha256": "all-MiniLM-L6-v2"}
     return load_clip(spec).text_encoder(), {"kind": "clip", "sha256": weights_hash(spec)}
 
 
 def build_backbone(cfg: dict, context_dim: int, pooled_dim: int):
     """A UNet or DiT from a denoiser config dict, sized for the text encoder's widths."""
-    import dataclasses
     kind = cfg["backbone"]
     if kind == "unet":
-        from ldmkit.diffusion.unet import UNet, UNetConfig
         mcfg = from_dict(UNetConfig, cfg["unet"])
         return UNet(dataclasses.replace(mcfg, context_dim=context_dim, pooled_dim=pooled_dim))
     if kind == "dit":
-        from ldmkit.diffusion.dit import DiT, DiTConfig
         mcfg = from_dict(DiTConfig, cfg["dit"])
         return DiT(dataclasses.replace(mcfg, context_dim=context_dim, pooled_dim=pooled_dim))
     raise ValueError(f"unknown backbone {kind!r}; use unet or dit")
@@ -109,7 +110,6 @@ def build_backbone(cfg: dict, context_dim: int, pooled_dim: int):
 
 def load_denoiser(path: str | Path, text_encoder=None):
     """(backbone in eval mode, Objective, config dict) of a denoiser stage directory."""
-    from ldmkit.diffusion.objectives import Objective
     path = Path(path)
     cfg = stage_config(path, "ldm")
     cond = cfg["conditioning"]
@@ -119,7 +119,15 @@ def load_denoiser(path: str | Path, text_encoder=None):
 
 def load_classifier(path: str | Path):
     """(NoisyLatentClassifier in eval mode, config dict) of a latent-classifier stage directory."""
-    from ldmkit.guidance.classifier import ClassifierConfig, NoisyLatentClassifier
     path = Path(path)
     cfg = stage_config(path, "classifier")
     return _load_weights(NoisyLatentClassifier(from_dict(ClassifierConfig, cfg["model"])), path), cfg
+
+
+def find_pipeline(name: str) -> Path:
+    """`pretrained/NAME` beside the working directory or in the ldmkit checkout; or a path as given."""
+    for cand in (Path(name), Path("pretrained") / name, Path(__file__).resolve().parents[2] / "pretrained" / name):
+        if (cand / "pipeline.json").is_file():
+            return cand
+    raise FileNotFoundError(f"no pipeline {name!r}: expected pretrained/{name}/pipeline.json (in the ldmkit "
+                            "checkout), or pass a pipeline directory; `ldmkit demo --train` retrains it")

@@ -3,8 +3,16 @@
 from ldmkit.autoencoder.discriminator import DiscriminatorConfig, NLayerDiscriminator
 from ldmkit.autoencoder.featnet import FeatNet, FeatNetConfig, load_featnet, save_featnet, train_featnet
 from ldmkit.autoencoder.latents import encode_dataset, estimate_scale_factor, load_latent_cache, save_latent_cache
-from ldmkit.autoencoder.loss import (LossConfig, adaptive_gan_weight, build_discriminator, build_perceptual,
-                                     disc_factor, discriminator_loss, generator_loss, init_output_logvar)
+from ldmkit.autoencoder.loss import (
+                                     LossConfig,
+                                     adaptive_gan_weight,
+                                     build_discriminator,
+                                     build_perceptual,
+                                     disc_factor,
+                                     discriminator_loss,
+                                     generator_loss,
+                                     init_output_logvar,
+)
 from ldmkit.autoencoder.lpips import LPIPS, VGG16Features, load_lpips_heads, load_vgg16, lpips_vgg16
 from ldmkit.autoencoder.posterior import DiagonalGaussian
 from ldmkit.autoencoder.vae import PRESETS, AutoencoderConfig, AutoencoderKL

@@ -29,10 +29,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from torch import nn
 
-from ldmkit.images import as_float_images
 from ldmkit.checkpoint import load_safetensors, save_safetensors
+from ldmkit.images import as_float_images
 
 N_DISTORTIONS = 6  # none, blur, noise, pixelate, posterise, contrast
 
@@ -171,7 +172,6 @@ def save_featnet(net: FeatNet, path: str | Path) -> None:
 
 
 def load_featnet(path: str | Path) -> FeatNet:
-    from safetensors import safe_open
     path = Path(path)
     state = load_safetensors(path)  # clear error if missing or unreadable
     with safe_open(str(path), framework="pt") as f:

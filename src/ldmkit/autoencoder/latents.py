@@ -16,8 +16,8 @@ from safetensors import safe_open
 from torch import nn
 from tqdm import tqdm
 
-from ldmkit.images import as_float_images
 from ldmkit.checkpoint import load_safetensors, save_safetensors
+from ldmkit.images import as_float_images
 
 META_KEY = "ldmkit_latent_cache"
 MODES = ("mode", "sample", "moments")

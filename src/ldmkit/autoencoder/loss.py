@@ -20,6 +20,8 @@ from torch import nn
 
 from ldmkit.autoencoder.discriminator import PRESETS as DISC_PRESETS
 from ldmkit.autoencoder.discriminator import DiscriminatorConfig, NLayerDiscriminator
+from ldmkit.autoencoder.featnet import load_featnet, train_featnet
+from ldmkit.autoencoder.lpips import LPIPS, lpips_vgg16
 from ldmkit.autoencoder.posterior import DiagonalGaussian
 from ldmkit.nn import mean_flat, sum_flat
 
@@ -182,8 +184,6 @@ def build_discriminator(cfg: LossConfig, in_channels: int) -> NLayerDiscriminato
 def build_perceptual(cfg: LossConfig, train_images: torch.Tensor | None = None, log=None) -> nn.Module | None:
     """The frozen LPIPS module named by cfg: VGG16 from files, a saved featnet, or a featnet trained now on
     `train_images` (uint8 or float in [-1, 1]) with cfg.featnet_steps / cfg.featnet_seed."""
-    from ldmkit.autoencoder.featnet import load_featnet, train_featnet
-    from ldmkit.autoencoder.lpips import LPIPS, lpips_vgg16
     if cfg.perceptual == "none":
         return None
     if cfg.perceptual == "vgg16":

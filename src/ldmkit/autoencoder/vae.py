@@ -290,7 +290,7 @@ class AutoencoderKL(nn.Module):
     @classmethod
     def from_diffusers(cls, directory: str | Path) -> "AutoencoderKL":
         """Load a diffusers `AutoencoderKL` directory (config.json + diffusion_pytorch_model.safetensors)."""
-        from ldmkit.autoencoder.diffusers_io import load_diffusers_autoencoder
+        from ldmkit.autoencoder.diffusers_io import load_diffusers_autoencoder  # it imports this module
         cfg, state = load_diffusers_autoencoder(directory)
         model = cls(cfg)
         missing, unexpected = model.load_state_dict(state, strict=False)

@@ -7,9 +7,18 @@ frozen.py imports transformers lazily (inside MiniLMTextEncoder), so this packag
 """
 
 from ldmkit.conditioning.clip import PRESETS as CLIP_PRESETS
-from ldmkit.conditioning.clip import (CLIPConfig, CLIPModel, CLIPTextEncoder, clip_loss, clip_loss_gathered,
-                                      clip_score, gather_features, retrieval_recall, zero_shot_accuracy,
-                                      zero_shot_classifier)
+from ldmkit.conditioning.clip import (
+                                      CLIPConfig,
+                                      CLIPModel,
+                                      CLIPTextEncoder,
+                                      clip_loss,
+                                      clip_loss_gathered,
+                                      clip_score,
+                                      gather_features,
+                                      retrieval_recall,
+                                      zero_shot_accuracy,
+                                      zero_shot_classifier,
+)
 from ldmkit.conditioning.frozen import MiniLMConfig, MiniLMTextEncoder
 from ldmkit.conditioning.text import PRESETS as TEXT_PRESETS
 from ldmkit.conditioning.text import TextConfig, TextTransformer

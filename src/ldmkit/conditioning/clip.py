@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -119,7 +120,6 @@ def gather_features(features: torch.Tensor) -> tuple[torch.Tensor, int]:
 
     Needs the same local batch size on every rank. Without an initialised process group returns (features, 0).
     """
-    import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
         return features.detach(), 0

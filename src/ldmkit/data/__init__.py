@@ -17,13 +17,21 @@ import os
 from pathlib import Path
 
 from ldmkit.data.base import ImageDataset
-from ldmkit.images import to_float, to_uint8
-from ldmkit.data.captions import (FASHION_CLASSES, HELDOUT_TEMPLATES, TRAIN_TEMPLATES, captions_for_label,
-                                  fashion_caption, fashion_prompt, fill_template, parse_class)
+from ldmkit.data.captions import (
+    FASHION_CLASSES,
+    HELDOUT_TEMPLATES,
+    TRAIN_TEMPLATES,
+    captions_for_label,
+    fashion_caption,
+    fashion_prompt,
+    fill_template,
+    parse_class,
+)
 from ldmkit.data.fashion import DEFAULT_FASHION_DIR, fashion_files_present, load_fashion
 from ldmkit.data.folder import folder_fingerprint, load_folder
 from ldmkit.data.shape_captions import shape_caption
 from ldmkit.data.shapes import heldout_pairs, load_shapes
+from ldmkit.images import to_float, to_uint8
 
 __all__ = ["ImageDataset", "load_dataset", "default_spec", "clear_cache", "to_float", "to_uint8",
            "FASHION_CLASSES", "TRAIN_TEMPLATES", "HELDOUT_TEMPLATES", "fashion_prompt", "fashion_caption",

@@ -3,9 +3,9 @@
 Backbones live in `ldmkit.diffusion.unet` and `ldmkit.diffusion.dit`; import them from there.
 """
 
-from .objectives import Objective, draw_training_noise, make_denoiser, training_loss
 from ldmkit.seeding import example_generators
 
+from .objectives import Objective, draw_training_noise, make_denoiser, training_loss
 from .samplers import SAMPLERS, get_sampler, prior_noise
 from .schedules import FlowSchedule, VPSchedule, get_schedule, karras_sigmas
 

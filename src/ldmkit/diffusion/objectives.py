@@ -20,8 +20,9 @@ from typing import Callable
 
 import torch
 
-from ..nn import mean_flat
 from ldmkit.seeding import example_generators
+
+from ..nn import mean_flat
 from .schedules import NUM_TRAIN_STEPS, VP_SCHEDULES, FlowSchedule, VPSchedule, get_schedule, vp_coefficients
 
 KINDS = ("eps", "v", "x0", "flow")

@@ -27,7 +27,6 @@ from torch import nn
 
 from ldmkit.nn import TimestepMLP, group_norm, zero_module
 
-
 # ----------------------------------------------------------------------------------------------------------------
 # Helpers shared with dit.py
 

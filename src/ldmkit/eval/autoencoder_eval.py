@@ -34,7 +34,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ldmkit.autoencoder.featnet import load_featnet
+from ldmkit.autoencoder.lpips import LPIPS, lpips_vgg16
 from ldmkit.checkpoint import file_hash, read_json, write_json
+from ldmkit.data import load_dataset, to_float, to_uint8
+from ldmkit.eval.classifier import accuracy
+from ldmkit.eval.metrics import psnr, ssim
+from ldmkit.eval.score import load_eval_classifier
+from ldmkit.images import grid, save_png
+from ldmkit.stages import load_autoencoder, weights_hash
 
 ACTIVE_VARIANCE = 0.01  # Burda et al. 2016: a latent unit is active if Var_x(E[z | x]) exceeds this
 
@@ -55,8 +63,6 @@ def find_autoencoder_dir(path: str | Path) -> Path:
 
 def stage_lpips(stage_dir: Path, cfg: dict):
     """(LPIPS module or None, description) of the perceptual backbone the stage was trained with."""
-    from ldmkit.autoencoder.featnet import load_featnet
-    from ldmkit.autoencoder.lpips import LPIPS, lpips_vgg16
     loss = cfg.get("loss", {})
     for path in (stage_dir / "lpips_featnet.safetensors", loss.get("featnet_path")):
         if path and Path(path).exists():
@@ -70,7 +76,6 @@ def stage_lpips(stage_dir: Path, cfg: dict):
 
 def load_test_split(spec: str, data_dir: str | None = None):
     """The test split of the dataset the stage was trained on (Fashion-MNIST: all 10,000 test images)."""
-    from ldmkit.data import load_dataset
     if spec == "fashion-mnist":
         return load_dataset(spec, split="test", data_dir=data_dir)
     if data_dir is not None:
@@ -86,7 +91,6 @@ def reconstruct(ae, images: torch.Tensor, batch_size: int = 256, decode: bool = 
     """Posterior-mode reconstructions of uint8 images (N, C, H, W) as uint8 (None if not `decode`), and latent
     sums for statistics: per channel sums of mu, mu^2 + sigma^2, KL and per position of mu, mu^2. A list passed as
     `samples` receives the uint8 decodes of one posterior sample per image (generator seeded 0)."""
-    from ldmkit.data import to_float, to_uint8
     ae.eval()
     device = next(ae.parameters()).device
     out, acc = [], {}
@@ -125,7 +129,6 @@ def latent_statistics(acc: dict[str, torch.Tensor]) -> dict:
 @torch.no_grad()
 def lpips_distance(lpips, a: torch.Tensor, b: torch.Tensor, batch_size: int = 500) -> float:
     """Mean LPIPS between two uint8 batches (N, C, H, W)."""
-    from ldmkit.data import to_float
     total = 0.0
     for i in range(0, len(a), batch_size):
         total += lpips(to_float(a[i:i + batch_size]), to_float(b[i:i + batch_size])).double().sum().item()
@@ -134,7 +137,6 @@ def lpips_distance(lpips, a: torch.Tensor, b: torch.Tensor, batch_size: int = 50
 
 def image_metrics(orig: torch.Tensor, recon: torch.Tensor, lpips=None) -> dict:
     """psnr, ssim (and lpips) of uint8 (N, C, H, W) batches, already cropped to the native size."""
-    from ldmkit.eval.metrics import psnr, ssim
     out = {"psnr": float(psnr(orig, recon).mean()), "ssim": float(ssim(orig, recon, layout="NCHW").mean())}
     out["lpips"] = lpips_distance(lpips, orig, recon) if lpips is not None else None
     return out
@@ -142,8 +144,6 @@ def image_metrics(orig: torch.Tensor, recon: torch.Tensor, lpips=None) -> dict:
 
 def classifier_accuracy(clf_dir, orig: torch.Tensor, recon: torch.Tensor, labels: torch.Tensor) -> dict:
     """The evaluation classifier's accuracy on the original and reconstructed crops, and its weight hash."""
-    from ldmkit.eval.classifier import accuracy
-    from ldmkit.eval.score import load_eval_classifier
     model, sha = load_eval_classifier(clf_dir)
     acc_o, acc_r = accuracy(model, orig, labels), accuracy(model, recon, labels)
     return {"eval_classifier_acc_orig": acc_o, "eval_classifier_acc_recon": acc_r,
@@ -152,7 +152,6 @@ def classifier_accuracy(clf_dir, orig: torch.Tensor, recon: torch.Tensor, labels
 
 def save_pairs(orig: torch.Tensor, recon: torch.Tensor, path: Path, n: int = 32, pairs_per_row: int = 8) -> None:
     """A grid of the first n images, each original followed by its reconstruction (uint8 NCHW)."""
-    from ldmkit.images import grid, save_png
     n = min(n, len(orig))
     both = torch.stack([orig[:n], recon[:n]], 1).flatten(0, 1)  # (2n, C, H, W): o0, r0, o1, r1, ...
     save_png(grid(both.permute(0, 2, 3, 1).numpy(), nrow=2 * pairs_per_row, scale=2), path)
@@ -164,7 +163,6 @@ def evaluate(stage_dir: str | Path, data_dir: str | None = None, batch_size: int
              eval_classifier: str | Path | None = None, npz: str | Path | None = None,
              png: str | Path | None = None) -> dict:
     """Every metric of the module docstring for the stage in `stage_dir` (not written to disk here)."""
-    from ldmkit.stages import load_autoencoder, weights_hash
     stage_dir = Path(stage_dir)
     cfg = read_json(stage_dir / "config.json")
     spec = cfg.get("data")
@@ -176,7 +174,6 @@ def evaluate(stage_dir: str | Path, data_dir: str | None = None, batch_size: int
     recon, acc = reconstruct(ae, ds.images, batch_size, samples=sampled)
     orig_c, recon_c = ds.crop(ds.images), ds.crop(recon)  # native size, (N, C, h, w) uint8
     lpips, backbone = stage_lpips(stage_dir, cfg)
-    from ldmkit.eval.metrics import psnr
     out = {"stage_dir": str(stage_dir), "data": spec, "split": "test", "n": len(ds),
            "crop": list(ds.native_size), "autoencoder_sha256": weights_hash(stage_dir),
            **image_metrics(orig_c, recon_c, lpips),

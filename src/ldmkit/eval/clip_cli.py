@@ -34,6 +34,10 @@ import numpy as np
 import torch
 
 from ldmkit.checkpoint import file_hash, read_json, write_json
+from ldmkit.conditioning import clip_score, zero_shot_classifier
+from ldmkit.data import FASHION_CLASSES, HELDOUT_TEMPLATES, TRAIN_TEMPLATES, fill_template, load_dataset, to_float
+from ldmkit.data.shape_captions import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES, shape_caption
+from ldmkit.stages import load_clip
 
 ATTRIBUTES = ("shape", "color", "size", "position", "background")
 TOP1_ATTRIBUTES = ("shape", "color", "size", "position")  # zero_shot_top1 of shapes = their mean accuracy
@@ -52,20 +56,17 @@ def find_clip_dir(path: str | Path) -> Path:
 
 def load(path: str | Path):
     """(CLIPModel in eval mode, config dict, stage directory)."""
-    from ldmkit.stages import load_clip
     d = find_clip_dir(path)
     return load_clip(d), read_json(d / "config.json"), d
 
 
 def test_split(spec: str, split: str = "test", data_dir: str | None = None):
-    from ldmkit.data import load_dataset
     return load_dataset(spec, split=split, **({"data_dir": data_dir} if spec == "fashion-mnist" else {}))
 
 
 @torch.no_grad()
 def image_features(model, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
     """uint8 (N, C, H, W) at model resolution -> unit-norm (N, E) float32 on the CPU."""
-    from ldmkit.data import to_float
     parts = [model.encode_image(to_float(images[i:i + batch_size]).to(model.device)).float().cpu()
              for i in range(0, images.shape[0], batch_size)]
     return torch.cat(parts)
@@ -84,8 +85,6 @@ def top1(feats: torch.Tensor, class_emb: torch.Tensor, labels: torch.Tensor) -> 
 # ----------------------------------------------------------------------------- zero-shot
 def fashion_zero_shot(model, feats: torch.Tensor, labels: torch.Tensor) -> dict:
     """Top-1 with the training templates and with the held-out templates (prompt ensembling)."""
-    from ldmkit.conditioning import zero_shot_classifier
-    from ldmkit.data import FASHION_CLASSES, HELDOUT_TEMPLATES, TRAIN_TEMPLATES, fill_template
     out = {}
     for key, templates in (("zero_shot_top1", TRAIN_TEMPLATES), ("zero_shot_top1_heldout", HELDOUT_TEMPLATES)):
         weights = zero_shot_classifier(model, FASHION_CLASSES, templates, fill_template).float().cpu()  # (10, E)
@@ -95,7 +94,6 @@ def fashion_zero_shot(model, feats: torch.Tensor, labels: torch.Tensor) -> dict:
 
 def attribute_embeddings(model) -> dict[str, torch.Tensor]:
     """Attribute -> (values, E) class embeddings: renormalised means of the canonical captions of all scenes."""
-    from ldmkit.data.shape_captions import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES, shape_caption
     sizes = {"shape": len(SHAPES), "color": len(COLORS), "size": len(SIZES), "position": len(POSITIONS),
              "background": len(BACKGROUNDS)}
     scenes = list(itertools.product(*(range(sizes[a]) for a in ATTRIBUTES)))  # 3888 combinations
@@ -250,8 +248,6 @@ def score_main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="JSON to write (default: SAMPLES with .clip.json)")
     p.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
     args = p.parse_args(argv)
-    from ldmkit.conditioning import clip_score
-    from ldmkit.data import to_float
     model, _, d = load(args.dir)
     path = Path(args.samples)
     if not path.exists():

@@ -14,6 +14,10 @@ from pathlib import Path
 import numpy as np
 
 from ldmkit.checkpoint import file_hash, load_safetensors, read_json, write_json
+from ldmkit.config import from_dict
+from ldmkit.data.fashion import fashion_uint8
+from ldmkit.eval.classifier import EvalClassifier, EvalClassifierConfig, score_images
+from ldmkit.stages import find_pipeline
 
 
 def find_classifier_dir(path: str | Path) -> Path:
@@ -30,8 +34,6 @@ def find_classifier_dir(path: str | Path) -> Path:
 
 def load_eval_classifier(path: str | Path):
     """(model in eval mode, weights hash) from a stage or pipeline directory."""
-    from ldmkit.config import from_dict
-    from ldmkit.eval.classifier import EvalClassifier, EvalClassifierConfig
     d = find_classifier_dir(path)
     cfg = read_json(d / "config.json")
     model = EvalClassifier(from_dict(EvalClassifierConfig, cfg["model"]))
@@ -55,8 +57,6 @@ def load_samples(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
 
 
 def score_file(samples: str | Path, classifier: str | Path, data_dir: str | None = None, seed: int = 0) -> dict:
-    from ldmkit.eval.classifier import score_images
-    from ldmkit.data.fashion import fashion_uint8
     images, labels = load_samples(samples)
     model, digest = load_eval_classifier(classifier)
     xtr, _ = fashion_uint8("train", data_dir)
@@ -77,7 +77,6 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     classifier = args.classifier
     if classifier == p.get_default("classifier") and not Path(classifier).exists():
-        from ldmkit.demo import find_pipeline  # the bundled pipeline, also when run outside the checkout
         classifier = find_pipeline("fashion-mnist")
     result = score_file(args.samples, classifier, args.data_dir, args.seed)
     out = Path(args.out) if args.out else Path(args.samples).with_suffix(".eval.json")

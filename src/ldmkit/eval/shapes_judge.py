@@ -21,6 +21,8 @@ import numpy as np
 import torch
 
 from ldmkit.checkpoint import file_hash, load_safetensors, read_json
+from ldmkit.config import from_dict
+from ldmkit.data.shape_captions import COLORS, SHAPES
 from ldmkit.eval.classifier import EvalClassifier, EvalClassifierConfig, predict
 
 ATTRIBUTES = ("shape", "color", "position")
@@ -41,7 +43,6 @@ def scenes_nhwc(ds) -> np.ndarray:
 
 def seen_mask(shapes: np.ndarray, colors: np.ndarray, heldout: list[tuple[str, str]]) -> np.ndarray:
     """True where (shape, colour) is a pair the generators trained on."""
-    from ldmkit.data.shape_captions import COLORS, SHAPES
     held = {(SHAPES.index(s), COLORS.index(c)) for s, c in heldout}
     return np.array([(int(s), int(c)) not in held for s, c in zip(shapes, colors)], dtype=bool)
 
@@ -60,7 +61,6 @@ def judge_accuracy(models: dict, images, labels: dict, seen: np.ndarray) -> dict
 
 def load_judge(path: str | Path) -> tuple[dict, dict, list]:
     """({attribute: model in eval mode}, {attribute: weights hash}, held-out pairs) from a judge directory."""
-    from ldmkit.config import from_dict
     path = Path(path)
     if not (path / "config.json").exists() or read_json(path / "config.json").get("stage") != "shapes-judge":
         raise FileNotFoundError(f"{path} is not a shapes judge directory; train one with "

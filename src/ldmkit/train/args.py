@@ -6,6 +6,7 @@ import argparse
 from typing import Mapping, TypeVar
 
 from ldmkit.config import apply_overrides, preset
+from ldmkit.data import default_spec, load_dataset
 
 T = TypeVar("T")
 
@@ -50,13 +51,11 @@ def resolve_data(spec: str, data_dir: str | None = None) -> str:
     """`auto` -> fashion-mnist when its files are installed (or in --data-dir), else the generated shapes."""
     if spec != "auto":
         return spec
-    from ldmkit.data import default_spec
     return default_spec(data_dir)
 
 
 def load_data(args, split: str = "train"):
     """The dataset named by --data / --data-dir / --skip-bad (data_dir only applies to fashion-mnist)."""
-    from ldmkit.data import load_dataset
     spec = resolve_data(args.data, args.data_dir)
     kw = {}
     if spec == "fashion-mnist":

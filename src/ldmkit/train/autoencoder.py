@@ -25,10 +25,21 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ldmkit.autoencoder import PRESETS as AE_PRESETS, AutoencoderConfig, AutoencoderKL
-from ldmkit.autoencoder.loss import (PRESETS as LOSS_PRESETS, LossConfig, build_discriminator, disc_factor,
-                                     discriminator_loss, generator_loss, init_output_logvar)
+from ldmkit.autoencoder import LPIPS, AutoencoderConfig, AutoencoderKL, build_perceptual, load_featnet, save_featnet
+from ldmkit.autoencoder import PRESETS as AE_PRESETS
+from ldmkit.autoencoder.loss import PRESETS as LOSS_PRESETS
+from ldmkit.autoencoder.loss import (
+    LossConfig,
+    build_discriminator,
+    disc_factor,
+    discriminator_loss,
+    generator_loss,
+    init_output_logvar,
+)
 from ldmkit.checkpoint import write_bytes
+from ldmkit.eval.autoencoder_eval import latent_statistics, load_test_split, reconstruct
+from ldmkit.eval.metrics import psnr
+from ldmkit.images import save_grid
 from ldmkit.seeding import example_seed
 from ldmkit.train import common
 from ldmkit.train.args import load_data, resolve_config, train_parser
@@ -114,7 +125,6 @@ def perceptual_module(cfg: AutoencoderStage, out: Path, ds, run):
     """The frozen LPIPS of the loss. A featnet trained here (or given by loss.featnet_path) is saved as
     DIR/lpips_featnet.safetensors; a trained one is reused when that file exists with the same training settings
     (resume, or a rerun of a run that failed early)."""
-    from ldmkit.autoencoder import LPIPS, build_perceptual, load_featnet, save_featnet
     lc, path = cfg.loss, out / FEATNET_FILE
     if lc.perceptual != "featnet":
         return build_perceptual(lc)
@@ -224,7 +234,6 @@ def train(cfg: AutoencoderStage, out, spec: str, ds, resume: bool = False, init_
 @torch.no_grad()
 def save_recon_grid(ae: AutoencoderKL, ds, images: torch.Tensor, path: Path) -> None:
     """Originals beside their posterior-mode reconstructions, four pairs per row."""
-    from ldmkit.images import save_grid
     device = next(ae.parameters()).device
     x = ds.to_float(images).to(device)
     recon = ae.decode(ae.encode(x).mode()).clamp(-1, 1)
@@ -233,8 +242,6 @@ def save_recon_grid(ae: AutoencoderKL, ds, images: torch.Tensor, path: Path) -> 
 
 def final_metrics(ema: AutoencoderKL, cfg: AutoencoderStage, ds, spec: str) -> dict:
     """Latent scale (and shift) from the training set, and the test PSNR of the EMA weights on the native crop."""
-    from ldmkit.eval.autoencoder_eval import latent_statistics, load_test_split, reconstruct
-    from ldmkit.eval.metrics import psnr
     n = len(ds) if cfg.stats_images <= 0 else min(cfg.stats_images, len(ds))
     _, acc = reconstruct(ema, ds.images[:n], decode=False)
     stats = latent_statistics(acc)

@@ -13,12 +13,16 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ldmkit.data import load_dataset
 from ldmkit.diffusion.objectives import Objective, draw_training_noise, logit_normal_time
 from ldmkit.diffusion.schedules import FlowSchedule
-from ldmkit.guidance.classifier import PRESETS as CLF_PRESETS, ClassifierConfig, classifier_loss
+from ldmkit.guidance.classifier import PRESETS as CLF_PRESETS
+from ldmkit.guidance.classifier import ClassifierConfig, NoisyLatentClassifier, classifier_loss, log_sigma_input
+from ldmkit.stages import load_autoencoder, weights_hash
 from ldmkit.train import common
 from ldmkit.train.args import load_data, resolve_config, train_parser
 from ldmkit.train.common import TrainConfig
+from ldmkit.train.latents import draw_latents, posterior_cache
 
 
 @dataclass(frozen=True)
@@ -62,9 +66,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def train(cfg: ClassifierStage, out, spec: str, ds, ae_dir: str, resume: bool = False, init_from=None,
           progress: bool = True) -> dict:
-    from ldmkit.guidance.classifier import NoisyLatentClassifier
-    from ldmkit.stages import load_autoencoder, weights_hash
-    from ldmkit.train.latents import draw_latents, posterior_cache
     if cfg.label not in ds.labels:
         raise ValueError(f"dataset {spec} has no label {cfg.label!r} (it has {sorted(ds.labels) or 'none'}); "
                          "set --set label=NAME")
@@ -111,10 +112,6 @@ def train(cfg: ClassifierStage, out, spec: str, ds, ae_dir: str, resume: bool = 
 @torch.no_grad()
 def noisy_accuracy(model, cfg: ClassifierStage, ae, ae_dir, ae_hash, spec, progress, n: int = 2000) -> dict:
     """Test accuracy on clean latents and at a few noise levels (sigma), for the summary."""
-    from ldmkit.data import load_dataset
-    from ldmkit.guidance.classifier import log_sigma_input
-    from ldmkit.stages import load_autoencoder
-    from ldmkit.train.latents import posterior_cache
     try:
         test = load_dataset(spec, split="test")
     except (ValueError, FileNotFoundError):

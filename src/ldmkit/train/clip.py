@@ -22,16 +22,34 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
-from ldmkit.conditioning import (CLIPConfig, CLIPModel, TextConfig, Tokenizer, ViTConfig, clip_loss,
-                                 clip_loss_gathered, gather_features, train_tokenizer)
+from ldmkit.checkpoint import atomic_path
+from ldmkit.conditioning import (
+    CLIPConfig,
+    CLIPModel,
+    TextConfig,
+    Tokenizer,
+    ViTConfig,
+    clip_loss,
+    clip_loss_gathered,
+    gather_features,
+    train_tokenizer,
+)
 from ldmkit.data.shapes import redraw
+from ldmkit.eval.clip_cli import quick_metrics
 from ldmkit.seeding import example_seed
 from ldmkit.train import common
 from ldmkit.train.args import load_data, resolve_config, train_parser
-from ldmkit.train.clip_negatives import (HARD_NEGATIVE_ATTRIBUTES, exhaustive_negatives, hard_negative,  # noqa: F401
-                                         recaption, shape_twin, training_pairs)
+from ldmkit.train.clip_negatives import (  # noqa: F401
+    HARD_NEGATIVE_ATTRIBUTES,
+    exhaustive_negatives,
+    hard_negative,
+    recaption,
+    shape_twin,
+    training_pairs,
+)
 from ldmkit.train.common import TrainConfig
 
 CAPTION_STREAM, AUGMENT_STREAM, TWIN_STREAM, CENTRE_STREAM = 2, 3, 4, 5  # example_seed streams of the caption,
@@ -143,8 +161,6 @@ def caption_sample(ds, n: int, seed: int) -> list[str]:
 
 def prepare_tokenizer(cfg: CLIPStage, ds, out: Path, run, resume: bool, init_from: str | None) -> Tokenizer:
     """Load DIR/tokenizer.json (resume) or the --init-from run's, else train one; rank 0 writes it atomically."""
-    import torch.distributed as dist
-    from ldmkit.checkpoint import atomic_path
     path = out / "tokenizer.json"
     if resume or init_from:
         src = path if resume else Path(init_from) / "tokenizer.json"
@@ -297,7 +313,6 @@ def train(cfg: CLIPStage, out, spec: str, ds, resume: bool = False, init_from: s
     metrics = {"final_loss": loss.item() / run.world, "logit_scale": model.logit_scale().item(),
                "params": sum(p.numel() for p in model.parameters())}
     if run.is_main and cfg.eval_images:
-        from ldmkit.eval.clip_cli import quick_metrics
         metrics.update(quick_metrics(export.eval(), spec, ds, cfg.eval_images))
     return run.finish(export.state_dict(), metrics, step)
 

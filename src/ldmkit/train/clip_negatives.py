@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import random
 
+from ldmkit.data.shape_captions import shape_caption
+
 HARD_NEGATIVE_ATTRIBUTES = ("shape", "color", "position")  # the attributes a hard-negative caption changes
 
 
@@ -34,7 +36,6 @@ def hard_negative(ds, i: int, state: tuple, rng: random.Random, p: float, positi
 
 def recaption(ds, i: int, state: tuple, **changes: int) -> str:
     """Example i's caption with some attribute values replaced, in the wording the caption rng `state` gives."""
-    from ldmkit.data.shape_captions import shape_caption
     values = {k: int(ds.labels[k][i]) for k in ("shape", "color", "size", "position", "background")}
     values.update(changes)
     wording = random.Random()

@@ -24,15 +24,22 @@ from typing import Any, Iterator, Literal, Mapping
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
-from ldmkit.checkpoint import (load_safetensors, load_state, provenance, read_json, save_safetensors, save_state,
-                               write_json)
+from ldmkit.checkpoint import (
+    load_safetensors,
+    load_state,
+    provenance,
+    read_json,
+    save_safetensors,
+    save_state,
+    write_json,
+)
 from ldmkit.config import to_dict
 from ldmkit.nn import bf16_is_fast
 from ldmkit.seeding import seed_everything
-from ldmkit.train.optim import (adamw, clip_grad, ema_update, lr_at, make_adamw,  # noqa: F401 (re-exported)
-                                match_param_layout, set_lr, unwrap)
 from ldmkit.train.distributed import all_reduce_mean, init_distributed, wrap_ddp  # noqa: F401 (re-exported)
+from ldmkit.train.optim import adamw, clip_grad, ema_update, lr_at, make_adamw, match_param_layout, set_lr, unwrap  # noqa: F401 (re-exported)
 
 
 @dataclass(frozen=True)
@@ -244,7 +251,6 @@ class Run:
     def steps(self, start: int, total: int) -> Iterator[int]:
         """Step indices start..total-1 with a progress bar. With an opt-in `max_minutes` budget the loop ends
         before a step (as long as the last one) would finish past it; the stage then saves as usual."""
-        from tqdm.auto import tqdm
         budget = self.tc.max_minutes * 60
         self._bar = tqdm(total=total, initial=start, desc=self.stage,
                          disable=not self._progress, dynamic_ncols=True, file=sys.stderr)

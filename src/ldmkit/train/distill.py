@@ -19,6 +19,7 @@ prompt keeps its meaning. Flow-matching denoisers only (the pipelines' objective
 
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
 import random
@@ -27,11 +28,18 @@ from pathlib import Path
 
 import torch
 
+from ldmkit.checkpoint import read_json, write_json
+from ldmkit.config import apply_overrides, from_dict, preset
+from ldmkit.data import load_dataset
 from ldmkit.diffusion.objectives import draw_training_noise, logit_normal_time, make_denoiser
-from ldmkit.seeding import example_seed
 from ldmkit.diffusion.schedules import NUM_TRAIN_STEPS
+from ldmkit.guidance.cfg import Guidance, guided_denoiser
+from ldmkit.pipeline import Pipeline, PromptEncoder, sample_latents
+from ldmkit.seeding import example_generators, example_seed, randn
+from ldmkit.stages import weights_hash
 from ldmkit.train import common
 from ldmkit.train.common import TrainConfig
+from ldmkit.train.latents import draw_latents, posterior_cache
 from ldmkit.train.ldm import LDMConfig
 
 NOISE_SEED_OFFSET = 7919  # the student's draws differ from the ones the teacher was trained on
@@ -59,8 +67,6 @@ PRESETS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-    from ldmkit.config import apply_overrides, preset
     p = argparse.ArgumentParser(allow_abbrev=False, prog="ldmkit train distill", description=__doc__.splitlines()[0])
     p.add_argument("--pipeline", required=True, help="pipeline directory (its denoiser is the teacher)")
     p.add_argument("--preset", default="fashion-mnist", choices=sorted(PRESETS))
@@ -96,8 +102,6 @@ def update(run, step: int, loss: torch.Tensor, model, ema, opt) -> None:
 
 def register(root: Path, name: str = "distilled") -> None:
     """Name the distilled stage in pipeline.json with its weight hash (the other entries stay as they are)."""
-    from ldmkit.checkpoint import read_json, write_json
-    from ldmkit.stages import weights_hash
     spec = read_json(root / "pipeline.json")
     spec["stages"][name] = {"path": name, "sha256": weights_hash(root / name)}
     write_json(root / "pipeline.json", spec)
@@ -105,12 +109,6 @@ def register(root: Path, name: str = "distilled") -> None:
 
 def train(cfg: DistillStage, out, pipeline_dir, data_dir: str | None = None, resume: bool = False,
           progress: bool = True) -> dict:
-    from ldmkit.checkpoint import read_json
-    from ldmkit.config import from_dict
-    from ldmkit.data import load_dataset
-    from ldmkit.guidance.cfg import guided_denoiser
-    from ldmkit.pipeline import Pipeline, PromptEncoder
-    from ldmkit.train.latents import draw_latents, posterior_cache
     root, out = Path(pipeline_dir), Path(out)
     pipe = Pipeline.load(root)
     if pipe.objective.kind != "flow":
@@ -167,11 +165,6 @@ def train(cfg: DistillStage, out, pipeline_dir, data_dir: str | None = None, res
 def train_one_step(cfg: DistillStage, out, pipeline_dir, data_dir: str | None = None, resume: bool = False,
                    progress: bool = True) -> dict:
     """A one-call student of the guidance-distilled denoiser's `one_step_from`-step sampler (see the docstring)."""
-    from ldmkit.config import from_dict
-    from ldmkit.data import load_dataset
-    from ldmkit.seeding import example_generators, randn
-    from ldmkit.guidance.cfg import Guidance
-    from ldmkit.pipeline import Pipeline, PromptEncoder, sample_latents
     root, out = Path(pipeline_dir), Path(out)
     pipe = Pipeline.load(root)
     st = pipe.spec["stages"]

@@ -18,7 +18,7 @@ from ldmkit.checkpoint import file_hash, provenance, save_safetensors, write_jso
 from ldmkit.config import to_dict
 from ldmkit.data.fashion import fashion_uint8
 from ldmkit.eval.classifier import PRESETS as MODEL_PRESETS
-from ldmkit.eval.classifier import EvalClassifier, EvalClassifierConfig, to_nchw_uint8, accuracy
+from ldmkit.eval.classifier import EvalClassifier, EvalClassifierConfig, accuracy, to_nchw_uint8
 from ldmkit.nn import bf16_is_fast
 from ldmkit.train.args import resolve_config, train_parser
 from ldmkit.train.common import TrainConfig

@@ -19,10 +19,17 @@ from pathlib import Path
 import torch
 
 from ldmkit.autoencoder.fast_decoder import FastDecoder, FastDecoderConfig, config_for
+from ldmkit.autoencoder.featnet import load_featnet
 from ldmkit.autoencoder.loss import nll_loss, pixel_loss
+from ldmkit.autoencoder.lpips import LPIPS
+from ldmkit.eval.autoencoder_eval import load_test_split
+from ldmkit.eval.metrics import psnr
+from ldmkit.stages import load_autoencoder, weights_hash
 from ldmkit.train import common
 from ldmkit.train.args import load_data, resolve_config, train_parser
+from ldmkit.train.autoencoder import FEATNET_FILE
 from ldmkit.train.common import TrainConfig
+from ldmkit.train.latents import draw_latents, posterior_cache
 
 
 @dataclass(frozen=True)
@@ -50,7 +57,6 @@ PRESETS = {
 
 def bind(cfg: FastDecoderStage, ae_dir: str | Path) -> tuple[FastDecoderStage, torch.nn.Module]:
     """The config with the autoencoder's path, hash and latent / image channels filled in; the autoencoder."""
-    from ldmkit.stages import load_autoencoder, weights_hash
     ae, _, _ = load_autoencoder(ae_dir)
     model = config_for(ae.cfg, channels=cfg.model.channels, blocks=cfg.model.blocks)
     return dataclasses.replace(cfg, model=model, autoencoder=str(ae_dir),
@@ -70,10 +76,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def train(cfg: FastDecoderStage, out, spec: str, ds, ae_dir: str, resume: bool = False,
           init_from: str | None = None, progress: bool = True) -> dict:
-    from ldmkit.autoencoder.featnet import load_featnet
-    from ldmkit.autoencoder.lpips import LPIPS
-    from ldmkit.train.autoencoder import FEATNET_FILE
-    from ldmkit.train.latents import draw_latents, posterior_cache
     cfg, ae = bind(cfg, ae_dir)
     tc, out = cfg.train, Path(out)
     run = common.start_run(out, cfg, tc, "fast-decoder", data=spec, resume=resume, init_from=init_from,
@@ -118,8 +120,6 @@ def train(cfg: FastDecoderStage, out, spec: str, ds, ae_dir: str, resume: bool =
 @torch.no_grad()
 def compare_decoders(ae, fast: FastDecoder, cfg: FastDecoderStage, spec: str, ds) -> dict:
     """Test PSNR on the native crop of both decoders from the posterior mode, and their decoding times."""
-    from ldmkit.eval.autoencoder_eval import load_test_split
-    from ldmkit.eval.metrics import psnr
     try:
         test = load_test_split(spec, ds.meta.get("data_dir") if spec == "fashion-mnist" else None)
     except (ValueError, FileNotFoundError):  # e.g. an image folder without a test split

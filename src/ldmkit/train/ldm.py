@@ -16,13 +16,20 @@ from typing import Literal
 
 import torch
 
-from ldmkit.diffusion.dit import PRESETS as DIT_PRESETS, DiTConfig
+from ldmkit.diffusion.dit import PRESETS as DIT_PRESETS
+from ldmkit.diffusion.dit import DiTConfig
 from ldmkit.diffusion.objectives import Objective, training_loss
+from ldmkit.diffusion.unet import PRESETS as UNET_PRESETS
+from ldmkit.diffusion.unet import UNetConfig
+from ldmkit.guidance.cfg import Guidance
+from ldmkit.images import save_grid
+from ldmkit.pipeline import PromptEncoder, sample_latents
 from ldmkit.seeding import example_seed
-from ldmkit.diffusion.unet import PRESETS as UNET_PRESETS, UNetConfig
+from ldmkit.stages import build_backbone, load_autoencoder, load_text_encoder, weights_hash
 from ldmkit.train import common
 from ldmkit.train.args import load_data, resolve_config, train_parser
 from ldmkit.train.common import TrainConfig
+from ldmkit.train.latents import draw_latents, posterior_cache
 
 
 @dataclass(frozen=True)
@@ -87,7 +94,6 @@ def grid_prompts(ds, n: int = 8) -> list[str]:
 
 def bind(cfg: LDMConfig, ae_dir: str, text_spec: str):
     """Load the autoencoder and text encoder and record them in the config (the denoiser is bound to them)."""
-    from ldmkit.stages import load_autoencoder, load_text_encoder, weights_hash
     ae, scale, shift = load_autoencoder(ae_dir)
     text, tinfo = load_text_encoder(text_spec)
     f = ae.cfg.downsample_factor
@@ -112,9 +118,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def train(cfg: LDMConfig, out, spec: str, ds, ae_dir: str, text_spec: str, resume: bool = False,
           init_from: str | None = None, progress: bool = True) -> dict:
-    from ldmkit.pipeline import PromptEncoder
-    from ldmkit.stages import build_backbone
-    from ldmkit.train.latents import draw_latents, posterior_cache
     cfg, ae, text = bind(cfg, ae_dir, text_spec)
     c = cfg.conditioning
     lc = ae.cfg.latent_channels  # the backbone reads and predicts the autoencoder's latent channels
@@ -164,9 +167,6 @@ def train(cfg: LDMConfig, out, spec: str, ds, ae_dir: str, text_spec: str, resum
 @torch.no_grad()
 def sample_grid(backbone, cfg: LDMConfig, encode, prompts: list[str], ae, path: Path, per_prompt: int = 8) -> None:
     """A grid with one row per prompt, sampled with the preset's default sampler and guidance."""
-    from ldmkit.images import save_grid
-    from ldmkit.guidance.cfg import Guidance
-    from ldmkit.pipeline import sample_latents
     c, s = cfg.conditioning, cfg.sample
     rows = [p for p in prompts for _ in range(per_prompt)]
     was = backbone.training

@@ -43,7 +43,7 @@ def can_fuse(params: list[torch.Tensor]) -> bool | None:
 def make_adamw(params, tc: TrainConfig) -> torch.optim.Optimizer:
     """The stage's optimizer: AdamW, or with `tc.optimizer == "muon"` Muon on the weight matrices (train/muon.py)."""
     if tc.optimizer == "muon":
-        from ldmkit.train.muon import MuonAdamW
+        from ldmkit.train.muon import MuonAdamW  # it imports this module
         return MuonAdamW(params, tc.lr, tc.betas, tc.weight_decay)
     return adamw(params, tc.lr, tc.betas, tc.weight_decay)
 

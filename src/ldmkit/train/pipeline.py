@@ -15,6 +15,9 @@ from pathlib import Path
 
 from ldmkit.checkpoint import provenance, write_json
 from ldmkit.config import apply_overrides, preset
+from ldmkit.data import load_dataset
+from ldmkit.stages import load_autoencoder, stage_config, weights_hash
+from ldmkit.train import autoencoder, classifier, clip, distill, eval_classifier, fast_decoder, ldm
 
 
 @dataclass(frozen=True)
@@ -82,8 +85,6 @@ def _run_stage(name: str, out: Path, fn) -> None:
 
 def train_pipeline(pp: PipelinePreset, out: str | Path, data_dir: str | None = None, progress: bool = True,
                    overrides: dict[str, list[str]] | None = None) -> dict:
-    from ldmkit.data import load_dataset
-    from ldmkit.train import autoencoder, classifier, clip, distill, eval_classifier, fast_decoder, ldm
     out, ov = Path(out), overrides or {}
     kw = {"data_dir": data_dir} if pp.data == "fashion-mnist" else {}
     ds = load_dataset(pp.data, split="train", **kw)
@@ -125,7 +126,6 @@ def train_pipeline(pp: PipelinePreset, out: str | Path, data_dir: str | None = N
 
 def write_pipeline_json(out: Path, pp: PipelinePreset, ds) -> dict:
     """pipeline.json naming the stage directories with their weight hashes, latent scale and defaults."""
-    from ldmkit.stages import load_autoencoder, stage_config, weights_hash
     _, scale, shift = load_autoencoder(out / "autoencoder")
     dcfg = stage_config(out / "denoiser", "ldm")
     stages = {name: {"path": name, "sha256": weights_hash(out / name)}

@@ -13,8 +13,15 @@ from pathlib import Path
 
 from ldmkit.checkpoint import file_hash, provenance, save_safetensors, write_json
 from ldmkit.data.shapes import load_shapes
-from ldmkit.eval.shapes_judge import (ATTRIBUTES, EVAL_SEED, JUDGE_SEED, judge_accuracy, judge_config, scenes_nhwc,
-                                      seen_mask)
+from ldmkit.eval.shapes_judge import (
+    ATTRIBUTES,
+    EVAL_SEED,
+    JUDGE_SEED,
+    judge_accuracy,
+    judge_config,
+    scenes_nhwc,
+    seen_mask,
+)
 from ldmkit.train.eval_classifier import train_eval_classifier
 
 
