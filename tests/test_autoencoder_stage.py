@@ -215,3 +215,15 @@ def test_posterior_cache_is_reused_only_for_the_same_weights(tmp_path, monkeypat
     assert all(torch.equal(first[k], again[k]) for k in first)
     with pytest.raises(AssertionError, match="re-encoded"):  # other weights: the stale cache is not used
         latents.posterior_cache(tmp_path, ae, "hash-b", ds, "shapes", "train", progress=False)
+
+
+def test_a_finished_stage_is_replaced_only_with_overwrite(tmp_path, capsys):
+    out = tmp_path / "ae"
+    assert cli(train_args(out, "shapes", "train.steps=4", "train.ckpt_every=100")) == 0
+    first = (out / "model.safetensors").read_bytes()
+    (out / "state.pt").unlink(missing_ok=True)  # no resume state: only the finished run's files
+    assert cli(train_args(out, "shapes", "train.steps=4", "train.ckpt_every=100")) == 2
+    assert "--overwrite" in capsys.readouterr().err and (out / "model.safetensors").read_bytes() == first
+    assert cli([*train_args(out, "shapes", "train.steps=4", "train.ckpt_every=100", "train.seed=1"),
+                "--overwrite"]) == 0
+    assert (out / "model.safetensors").read_bytes() != first

@@ -200,3 +200,40 @@ def test_optimizer_state_takes_the_parameter_layout_on_resume(fused):
     p.grad = g2.clone()
     opt.step()
     torch.testing.assert_close(p.detach(), ref.detach(), rtol=0, atol=1e-6)
+
+
+def test_a_second_writer_is_refused_and_a_stale_lock_taken_over(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from ldmkit.checkpoint import LOCK_FILE
+    out = tmp_path / "a"
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        out.mkdir()
+        (out / LOCK_FILE).write_text(f"{other.pid}\n")  # another live process is writing here
+        with pytest.raises(FileExistsError, match=f"PID {other.pid}"):
+            toy_train(out)
+    finally:
+        other.kill()
+        other.wait()
+    (out / ".model.safetensors.abc123.tmp").write_bytes(b"half a file")  # what a kill mid-write leaves
+    toy_train(out)  # the lock's writer is gone: taken over; the orphaned temporary is removed
+    assert not (out / LOCK_FILE).exists() and not list(out.glob(".*.tmp"))
+    assert read_json(out / "metrics.json")["steps_done"] == 24
+    with pytest.raises(FileExistsError, match="--overwrite"):  # a finished stage is never silently replaced
+        os.remove(out / "state.pt")
+        toy_train(out)
+
+
+def test_resume_survives_a_cut_off_log_line(tmp_path):
+    full_model, _ = toy_train(tmp_path / "a")
+    with pytest.raises(Stop):
+        toy_train(tmp_path / "b", stop_after=12)
+    with open(tmp_path / "b" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 15, "loss": 0.1')  # a crash mid-append
+    _, _ = toy_train(tmp_path / "b", resume=True)
+    rows = [json.loads(r) for r in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [r["step"] for r in map(json.loads, (tmp_path / "a" / "metrics.jsonl")
+                                                                 .read_text().splitlines())]

@@ -121,3 +121,62 @@ def git_commit() -> str | None:
 def provenance(**extra: Any) -> dict:
     """Who made a file: ldmkit version, git commit, torch version, plus anything given (data, seed...)."""
     return {"ldmkit": ldmkit.__version__, "git_commit": git_commit(), "torch": torch.__version__, **extra}
+
+
+# ----------------------------------------------------------------------------- run directories
+LOCK_FILE = ".lock"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def lock_run_dir(path: str | os.PathLike) -> None:
+    """Claim `path` for this process: DIR/.lock holds the writer's PID. Another live process's lock is refused with
+    its PID named; a lock left by a dead process (a kill) is taken over. The same process may claim it again."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    lock = path / LOCK_FILE
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid == os.getpid():
+                return
+            if pid and _pid_alive(pid):
+                raise FileExistsError(f"{path} is being written by another training run (PID {pid}); wait for it "
+                                      "to finish or choose another --out") from None
+            lock.unlink(missing_ok=True)  # stale: its writer is gone
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        return
+    raise FileExistsError(f"could not claim {lock}; remove it if no training run is writing to {path}")
+
+
+def unlock_run_dir(path: str | os.PathLike) -> None:
+    """Release this process's claim on `path` (a no-op when another process holds it)."""
+    lock = Path(path) / LOCK_FILE
+    try:
+        if int(lock.read_text().strip() or 0) == os.getpid():
+            lock.unlink()
+    except (OSError, ValueError):
+        pass
+
+
+def remove_orphaned_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files an interrupted atomic write left in `path` (call while holding its lock)."""
+    gone = [p for p in Path(path).glob(".*.tmp") if p.is_file()]
+    for p in gone:
+        p.unlink(missing_ok=True)
+    return gone

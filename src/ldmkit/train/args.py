@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import shutil
+from pathlib import Path
 from typing import Mapping, TypeVar
 
+from ldmkit.checkpoint import lock_run_dir
 from ldmkit.config import apply_overrides, preset
 from ldmkit.data import default_spec, load_dataset
 
@@ -34,6 +37,7 @@ def train_parser(prog: str, description: str, presets: Mapping[str, object], def
                    help="opt-in wall-clock budget: save and stop after N minutes (presets are fixed step counts)")
     p.add_argument("--out", required=True, help="stage directory to write (config, weights, metrics, state)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished or interrupted run in --out")
     p.add_argument("--init-from", default=None, metavar="DIR", help="start from the weights of another run")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
     return p
@@ -43,6 +47,10 @@ def resolve_config(args: argparse.Namespace, presets: Mapping[str, T]) -> T:
     """The preset named by --preset with every --set override applied (type-checked)."""
     if args.preset == "auto":
         args.preset = args.preset_by_data(resolve_data(args.data, args.data_dir))
+    if getattr(args, "overwrite", False):
+        if args.resume:
+            raise ValueError("--overwrite and --resume contradict each other; pass one")
+        clear_run_dir(args.out)
     budget = [f"train.max_minutes={args.minutes}"] if getattr(args, "minutes", 0) else []
     return apply_overrides(preset(presets, args.preset), [*budget, *args.overrides])
 
@@ -65,3 +73,14 @@ def load_data(args, split: str = "train"):
     if spec.startswith("folder:"):
         kw["skip_bad"] = args.skip_bad
     return spec, load_dataset(spec, split=split, **kw)
+
+
+def clear_run_dir(out: str) -> None:
+    """Delete a previous run in `out` (--overwrite): only a folder that holds a stage's config.json."""
+    path = Path(out)
+    if not path.exists():
+        return
+    if not (path / "config.json").is_file():
+        raise FileExistsError(f"--overwrite: {path} holds no training run (no config.json); it is left alone")
+    lock_run_dir(path)  # refuses while another process writes there
+    shutil.rmtree(path)

@@ -29,10 +29,14 @@ from tqdm.auto import tqdm
 from ldmkit.checkpoint import (
     load_safetensors,
     load_state,
+    lock_run_dir,
     provenance,
     read_json,
+    remove_orphaned_temporaries,
     save_safetensors,
     save_state,
+    unlock_run_dir,
+    write_bytes,
     write_json,
 )
 from ldmkit.config import to_dict
@@ -157,6 +161,9 @@ class Run:
         if tc.threads > 0:
             torch.set_num_threads(tc.threads)
         self._progress = progress and self.is_main
+        if self.is_main:
+            lock_run_dir(self.dir)  # a second writer is refused, naming this process
+            remove_orphaned_temporaries(self.dir)
         self._check_dir()
         self.info = {"stage": stage, "data": data, "precision": effective_precision(self.device, tc.precision),
                      **provenance()}
@@ -190,6 +197,9 @@ class Run:
         elif state.exists():
             raise FileExistsError(f"{self.dir} already holds a run (state.pt); pass --resume to continue it "
                                   "or choose another --out")
+        elif (self.dir / "metrics.json").exists():
+            raise FileExistsError(f"{self.dir} holds a finished {self.stage} run (metrics.json); choose another "
+                                  "--out, or pass --overwrite to replace it")
 
     # -- restore / save
     def restore(self, modules: Mapping[str, nn.Module], optimizers: Mapping[str, torch.optim.Optimizer]) -> int:
@@ -238,6 +248,7 @@ class Run:
         if self.is_main:
             save_safetensors(dict(export), self.dir / "model.safetensors", {"stage": self.stage, "step": str(step)})
             write_json(self.dir / "metrics.json", summary)
+            unlock_run_dir(self.dir)
         if self._bar is not None:
             self._bar.close()
         return summary
@@ -314,8 +325,8 @@ class Run:
         """On resume, drop log rows past the checkpoint so metrics.jsonl reads like one uninterrupted run."""
         path = self.dir / "metrics.jsonl"
         if self.is_main and path.exists():
-            rows = [r for r in path.read_text().splitlines() if r.strip() and json.loads(r)["step"] <= step]
-            path.write_text("".join(r + "\n" for r in rows))
+            rows = [r for r in map(_log_row, path.read_text(errors="replace").splitlines()) if r is not None]
+            write_bytes(path, "".join(json.dumps(r) + "\n" for r in rows if r["step"] <= step).encode())
 
     def print(self, msg: str) -> None:
         if not self.is_main:
@@ -331,6 +342,15 @@ class Run:
 
 def start_run(out_dir, cfg, tc: TrainConfig, stage: str, **kw) -> Run:
     return Run(out_dir, cfg, tc, stage, **kw)
+
+
+def _log_row(line: str) -> dict | None:
+    """A metrics.jsonl row, or None for a blank or cut-off line (a crash or a full disk mid-append)."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return row if isinstance(row, dict) and isinstance(row.get("step"), int) else None
 
 
 def _to_list(x):
