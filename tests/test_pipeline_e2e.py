@@ -237,3 +237,47 @@ def test_sample_checks_arguments_before_loading_anything(tmp_path, capsys, monke
     assert cli(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and words in err[0]
+
+
+def test_bad_pipeline_files_fail_naming_the_key(tiny_pipeline, tmp_path, capsys):
+    import json
+    import os
+    import shutil
+
+    from ldmkit.cli import main as cli
+
+    def broken(name, edit):
+        d = tmp_path / name
+        shutil.copytree(tiny_pipeline, d)
+        spec = json.loads((d / "pipeline.json").read_text())
+        edit(d, spec)
+        if (d / "pipeline.json").is_file() and not (d / "pipeline.json").is_symlink():
+            (d / "pipeline.json").write_text(json.dumps(spec))
+        return d
+
+    def drop_clip(d, s):
+        del s["stages"]["clip"]
+
+    def unknown_key(d, s):
+        s["bogus"] = 1
+
+    def old_format(d, s):
+        s["format"] = "ldmkit-pipeline/0"
+
+    def escape(d, s):
+        s["stages"]["clip"]["path"] = "../../elsewhere"
+
+    def no_denoiser(d, s):
+        shutil.rmtree(d / "denoiser")
+
+    def fifo_weights(d, s):
+        (d / "clip" / "model.safetensors").unlink()
+        os.mkfifo(d / "clip" / "model.safetensors")
+
+    cases = [(drop_clip, "'clip' stage"), (unknown_key, "bogus"), (old_format, "format"), (escape, "leaves"),
+             (no_denoiser, "denoiser"), (fifo_weights, "model.safetensors")]
+    for edit, words in cases:
+        d = broken(edit.__name__, edit)
+        assert cli(["sample", str(d), "--prompt", "a red circle", "--out", str(tmp_path / "x.npz")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and words in err[0], (edit.__name__, err)

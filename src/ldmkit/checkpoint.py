@@ -55,12 +55,26 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
+def regular_file(path: str | os.PathLike, what: str = "file") -> Path:
+    """`path` if it is a regular file (a link to one is fine); a FIFO, device or folder would hang or mislead a
+    reader, so it is refused with its name."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{what} {path} not found")
+    if not path.is_file():
+        raise ValueError(f"{what} {path} is not a regular file (a folder, FIFO or device); restore the file")
+    return path
+
+
 def read_json(path: str | os.PathLike) -> Any:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: is this a stage directory written by `ldmkit train`?")
+    regular_file(path, "JSON file")
     try:
         return json.loads(path.read_text())
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text; restore it or retrain the stage") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON ({e}); restore it or retrain the stage") from None
 
@@ -73,9 +87,7 @@ def save_safetensors(state_dict: dict[str, torch.Tensor], path: str | os.PathLik
 
 
 def load_safetensors(path: str | os.PathLike, device: str = "cpu") -> dict[str, torch.Tensor]:
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"weights file {path} not found")
+    path = regular_file(path, "weights file")
     try:
         return load_file(str(path), device=device)
     except Exception as e:  # safetensors raises its own error types
@@ -101,6 +113,7 @@ def load_state(path: str | os.PathLike) -> dict:
 
 def file_hash(path: str | os.PathLike, n: int = 16) -> str:
     """sha256 of a file's bytes, first `n` hex digits."""
+    regular_file(path)
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

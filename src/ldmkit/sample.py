@@ -101,6 +101,12 @@ def check_args(args) -> None:
     """Every argument and the output path, before the pipeline is loaded or anything is sampled."""
     if not 1 <= args.num <= 10000:
         raise ValueError(f"--num {args.num} must lie in 1..10000")
+    for text in [*args.prompt, *([args.negative_prompt] if args.negative_prompt is not None else [])]:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"prompt {text.encode('utf-8', 'replace').decode()!r} is not valid UTF-8 text; "
+                             "check the shell's encoding (LANG=C.UTF-8)") from None
     if args.batch_size < 1 or args.micro_batch < 1:
         raise ValueError(f"--batch-size {args.batch_size} and --micro-batch {args.micro_batch} must be >= 1")
     if args.steps is not None and not 1 <= args.steps <= 1000:
