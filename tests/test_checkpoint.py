@@ -64,3 +64,24 @@ def test_provenance_and_hash(tmp_path):
     (tmp_path / "f").write_bytes(b"abc")
     assert ck.file_hash(tmp_path / "f") == "ba7816bf8f01cfea"  # sha256("abc")
     json.dumps(p)
+
+
+def test_safetensors_files_are_byte_identical_for_equal_weights(tmp_path):
+    """safetensors writes its metadata in an arbitrary order; ldmkit canonicalises the header so that equal weights
+    and metadata always give the same bytes (and so the same hash in pipeline.json)."""
+    import torch
+    from safetensors import safe_open
+
+    from ldmkit.checkpoint import file_hash, load_safetensors, save_safetensors
+    state = {"b": torch.arange(5.0), "a": torch.ones(3, 2, dtype=torch.bfloat16), "n": torch.tensor([3])}
+    hashes = set()
+    for i in range(6):
+        meta = dict(reversed(list({"stage": "ldm", "step": "30", "z": str(i % 1)}.items()))) if i % 2 else \
+            {"stage": "ldm", "step": "30", "z": "0"}
+        save_safetensors(state, tmp_path / f"{i}.safetensors", meta)
+        hashes.add(file_hash(tmp_path / f"{i}.safetensors"))
+    assert len(hashes) == 1
+    back = load_safetensors(tmp_path / "0.safetensors")
+    assert all(torch.equal(back[k], v) and back[k].dtype == v.dtype for k, v in state.items())
+    with safe_open(str(tmp_path / "0.safetensors"), "pt") as f:
+        assert f.metadata() == {"stage": "ldm", "step": "30", "z": "0"}

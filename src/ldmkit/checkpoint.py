@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 import ldmkit
 
@@ -82,8 +82,17 @@ def read_json(path: str | os.PathLike) -> Any:
 def save_safetensors(state_dict: dict[str, torch.Tensor], path: str | os.PathLike,
                      metadata: dict[str, str] | None = None) -> None:
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+    write_bytes(path, canonical_safetensors(save(tensors, metadata=metadata)))
+
+
+def canonical_safetensors(data: bytes) -> bytes:
+    """The same safetensors file with its JSON header written in sorted key order: the library writes its
+    metadata in an arbitrary order, so equal weights could otherwise hash differently. Tensor offsets are relative
+    to the data section, so only the header changes (space-padded to 8 bytes, as the format asks)."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.dumps(json.loads(data[8:8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    return len(header).to_bytes(8, "little") + header + data[8 + n:]
 
 
 def load_safetensors(path: str | os.PathLike, device: str = "cpu") -> dict[str, torch.Tensor]:

@@ -189,7 +189,7 @@ def metrics_section(pipes: dict[str, Path], fashion: Pipeline, fresh: int) -> tu
     keys = {"autoencoder": ("test_psnr",), "clip": ("test_zero_shot_top1", "test_zero_shot_top1_heldout",
                                                     "shape", "color", "position"),
             "classifier": ("test_acc_sigma_0", "test_acc_sigma_1"), "eval-classifier": ("test_accuracy",),
-            "fast-decoder": ("test_psnr", "test_psnr_full_decoder"), "denoiser": ("final_loss",),
+            "fast-decoder": ("test_psnr_fast", "test_psnr_full", "decode_speedup"), "denoiser": ("final_loss",),
             "distilled": ("final_loss",), "onestep": ("final_loss",)}
     out: dict = {"stored": {}}
     for pname, root in pipes.items():

@@ -24,6 +24,7 @@ from ldmkit.train import autoencoder, classifier, clip, distill, eval_classifier
 class StagePlan:
     preset: str                      # the stage's own preset name (a fixed number of steps)
     overrides: tuple[str, ...] = ()  # extra --set overrides for the stage
+    minutes: float = 0.0             # its wall time on 2 AVX512-BF16 cores (printed before it starts; 0 = seconds)
 
 
 @dataclass(frozen=True)
@@ -51,17 +52,15 @@ PRESETS = {
                                    denoiser=StagePlan("tiny"), classifier=StagePlan("tiny"),
                                    eval_classifier=StagePlan("tiny"), distilled=StagePlan("tiny"),
                                    onestep=StagePlan("tiny", ("one_step_from=2",)), steps=4),
-    # guidance rescale 0.7 at w = 3 against plain CFG, on the two earlier Fashion-MNIST pipelines (1,000 images):
-    # accuracy 98.7 vs 99.2% and recall 0.64 vs 0.59 (token-conditioned, 28.6 dB autoencoder); 98.9 vs 99.0% and
-    # 0.51 vs 0.44 (pooled-only, 26.1 dB). It keeps accuracy within half a point and buys recall, so it is the default.
-    "fashion-mnist": PipelinePreset(data="fashion-mnist", autoencoder=StagePlan("fashion-mnist"),
-                                    clip=StagePlan("fashion-mnist"), denoiser=StagePlan("fashion-mnist"),
-                                    classifier=StagePlan("fashion-mnist"),
-                                    eval_classifier=StagePlan("fashion-mnist"),
-                                    fast_decoder=StagePlan("fashion-mnist"), distilled=StagePlan("fashion-mnist"),
-                                    onestep=StagePlan("fashion-mnist", ("one_step_from=2",)), guidance_rescale=0.7),
-    "shapes": PipelinePreset(data="shapes", autoencoder=StagePlan("shapes"), clip=StagePlan("shapes"),
-                             denoiser=StagePlan("shapes")),
+    "fashion-mnist": PipelinePreset(
+        data="fashion-mnist", eval_classifier=StagePlan("fashion-mnist", minutes=6),
+        autoencoder=StagePlan("fashion-mnist", minutes=12), clip=StagePlan("fashion-mnist", minutes=8),
+        denoiser=StagePlan("fashion-mnist", minutes=20), classifier=StagePlan("fashion-mnist", minutes=5),
+        fast_decoder=StagePlan("fashion-mnist", minutes=6), distilled=StagePlan("fashion-mnist", minutes=6),
+        onestep=StagePlan("fashion-mnist", ("one_step_from=2",), minutes=6),
+        guidance_rescale=0.7),  # rescale keeps accuracy within half a point and buys recall (docs/benchmarks.md)
+    "shapes": PipelinePreset(data="shapes", autoencoder=StagePlan("shapes", minutes=12),
+                             clip=StagePlan("shapes", minutes=11), denoiser=StagePlan("shapes", minutes=20)),
 }
 
 
@@ -73,53 +72,45 @@ def _stage_cfg(presets, plan: StagePlan, extra: list[str]):
     return apply_overrides(preset(presets, plan.preset, "stage preset"), [*plan.overrides, *extra])
 
 
-def _run_stage(name: str, out: Path, fn) -> None:
-    """Skip a finished stage, resume an interrupted one, else start it."""
+def _run_stage(name: str, out: Path, fn, minutes: float = 0.0) -> None:
+    """Skip a finished stage, resume an interrupted one, else start it (saying how long it takes)."""
     if (out / "metrics.json").exists() and (out / "model.safetensors").exists():
         print(f"[pipeline] {name}: already trained in {out}, kept", file=sys.stderr)
         return
     resume = (out / "state.pt").exists()
-    print(f"[pipeline] {name}: {'resuming' if resume else 'training'} -> {out}", file=sys.stderr)
+    took = f" (about {minutes:g} min on 2 AVX512-BF16 cores)" if minutes else ""
+    print(f"[pipeline] {name}: {'resuming' if resume else 'training'} -> {out}{took}", file=sys.stderr)
     fn(resume)
 
 
 def train_pipeline(pp: PipelinePreset, out: str | Path, data_dir: str | None = None, progress: bool = True,
                    overrides: dict[str, list[str]] | None = None) -> dict:
     out, ov = Path(out), overrides or {}
-    kw = {"data_dir": data_dir} if pp.data == "fashion-mnist" else {}
-    ds = load_dataset(pp.data, split="train", **kw)
-    if pp.eval_classifier is not None:
-        ecfg = apply_overrides(preset(eval_classifier.PRESETS, pp.eval_classifier.preset),
-                               ov.get("eval-classifier", []))
-        _run_stage("eval-classifier", out / "eval-classifier",
-                   lambda r: eval_classifier.train(ecfg, out / "eval-classifier", data_dir, progress))
-    acfg = _stage_cfg(autoencoder.PRESETS, pp.autoencoder, ov.get("autoencoder", []))
-    _run_stage("autoencoder", out / "autoencoder",
-               lambda r: autoencoder.train(acfg, out / "autoencoder", pp.data, ds, resume=r, progress=progress))
-    ccfg = _stage_cfg(clip.PRESETS, pp.clip, ov.get("clip", []))
-    _run_stage("clip", out / "clip", lambda r: clip.train(ccfg, out / "clip", pp.data, ds, resume=r,
-                                                          progress=progress))
-    dcfg = _stage_cfg(ldm.PRESETS, pp.denoiser, ov.get("denoiser", []))
-    _run_stage("denoiser", out / "denoiser",
-               lambda r: ldm.train(dcfg, out / "denoiser", pp.data, ds, str(out / "autoencoder"), str(out / "clip"),
-                                   resume=r, progress=progress))
-    if pp.classifier is not None and "class" in ds.labels:
-        kcfg = _stage_cfg(classifier.PRESETS, pp.classifier, ov.get("classifier", []))
-        _run_stage("classifier", out / "classifier",
-                   lambda r: classifier.train(kcfg, out / "classifier", pp.data, ds, str(out / "autoencoder"),
-                                              resume=r, progress=progress))
-    if pp.fast_decoder is not None:
-        fcfg = _stage_cfg(fast_decoder.PRESETS, pp.fast_decoder, ov.get("fast-decoder", []))
-        _run_stage("fast-decoder", out / "fast-decoder",
-                   lambda r: fast_decoder.train(fcfg, out / "fast-decoder", pp.data, ds, str(out / "autoencoder"),
-                                                resume=r, progress=progress))
-    spec = write_pipeline_json(out, pp, ds)
-    for name, plan in (("distilled", pp.distilled), ("onestep", pp.onestep)):  # students of the written pipeline
-        if plan is not None:
-            cfg = _stage_cfg(distill.PRESETS, plan, ov.get(name, []))
-            fn = distill.train_one_step if cfg.one_step_from > 0 else distill.train
-            _run_stage(name, out / name, lambda r, fn=fn, cfg=cfg, name=name: fn(
-                cfg, out / name, str(out), data_dir, resume=r, progress=progress))
+    ds = load_dataset(pp.data, split="train", **({"data_dir": data_dir} if pp.data == "fashion-mnist" else {}))
+    ae, text, kw = str(out / "autoencoder"), str(out / "clip"), {"progress": progress}
+    stages = [  # (name, plan, stage module, how it trains: (config, stage dir, resume) -> metrics), in order
+        ("eval-classifier", pp.eval_classifier, eval_classifier,
+         lambda c, d, r: eval_classifier.train(c, d, data_dir, progress)),
+        ("autoencoder", pp.autoencoder, autoencoder,
+         lambda c, d, r: autoencoder.train(c, d, pp.data, ds, resume=r, **kw)),
+        ("clip", pp.clip, clip, lambda c, d, r: clip.train(c, d, pp.data, ds, resume=r, **kw)),
+        ("denoiser", pp.denoiser, ldm, lambda c, d, r: ldm.train(c, d, pp.data, ds, ae, text, resume=r, **kw)),
+        ("classifier", pp.classifier if "class" in ds.labels else None, classifier,
+         lambda c, d, r: classifier.train(c, d, pp.data, ds, ae, resume=r, **kw)),
+        ("fast-decoder", pp.fast_decoder, fast_decoder,
+         lambda c, d, r: fast_decoder.train(c, d, pp.data, ds, ae, resume=r, **kw)),
+        # the students read the pipeline written so far (their teacher is its denoiser)
+        ("distilled", pp.distilled, distill, lambda c, d, r: distill.train(c, d, str(out), data_dir, resume=r, **kw)),
+        ("onestep", pp.onestep, distill,
+         lambda c, d, r: distill.train_one_step(c, d, str(out), data_dir, resume=r, **kw)),
+    ]
+    spec = {}
+    for name, plan, module, fit in stages:
+        if plan is None:
+            continue
+        cfg = _stage_cfg(module.PRESETS, plan, ov.get(name, []))
+        _run_stage(name, out / name, lambda r, fit=fit, cfg=cfg, name=name: fit(cfg, out / name, r), plan.minutes)
+        if (out / "denoiser" / "model.safetensors").exists():
             spec = write_pipeline_json(out, pp, ds)
     return spec
 
