@@ -13,6 +13,7 @@ import sys
 # command words -> ("module:function", one-line help)
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("data", "preview"): ("ldmkit.data.preview:main", "write a labelled grid of a dataset's images and captions"),
+    ("data", "export"): ("ldmkit.data.export:main", "write a built-in dataset as an image folder with captions"),
     ("train", "autoencoder"): ("ldmkit.train.autoencoder:main", "train the KL autoencoder (L1/L2 + KL + LPIPS + GAN)"),
     ("train", "eval-classifier"): ("ldmkit.train.eval_classifier:main",
                                    "train the frozen Fashion-MNIST evaluation classifier"),
