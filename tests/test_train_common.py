@@ -237,3 +237,36 @@ def test_resume_survives_a_cut_off_log_line(tmp_path):
     rows = [json.loads(r) for r in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [r["step"] for r in map(json.loads, (tmp_path / "a" / "metrics.jsonl")
                                                                  .read_text().splitlines())]
+
+
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT"])
+def test_a_signal_saves_a_checkpoint_and_resume_is_exact(tmp_path, monkeypatch, signum):
+    """A signal mid-run: the step finishes, a checkpoint is written there, the run stops without metrics.json;
+    --resume then ends bit-identical to an uninterrupted run, log rows included."""
+    import os
+    import signal as sig
+    full_model, full_ema = toy_train(tmp_path / "a")
+    log = common.Run.log
+    sent = []
+    before = sig.getsignal(getattr(sig, signum))
+
+    def log_and_signal(self, step, **scalars):
+        log(self, step, **scalars)
+        if step == 8 and not sent:  # mid-way between the checkpoints at 6 and 12
+            sent.append(True)
+            os.kill(os.getpid(), getattr(sig, signum))
+    monkeypatch.setattr(common.Run, "log", log_and_signal)
+    with pytest.raises(common.TrainingInterrupted, match="--resume"):
+        toy_train(tmp_path / "b")
+    assert load_state(tmp_path / "b" / "state.pt")["step"] == 9  # step 8 finished, then saved and stopped
+    assert not (tmp_path / "b" / "metrics.json").exists()
+    monkeypatch.setattr(common.Run, "log", log)
+    res_model, res_ema = toy_train(tmp_path / "b", resume=True)
+    for p, q in zip(full_ema.state_dict().values(), res_ema.state_dict().values()):
+        assert torch.equal(p, q)
+    assert (tmp_path / "a" / "metrics.jsonl").read_text().count("\n") == \
+        (tmp_path / "b" / "metrics.jsonl").read_text().count("\n")
+    strip = [[{k: v for k, v in json.loads(r).items() if k in ("step", "loss")} for r in
+              (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in ("a", "b")]
+    assert strip[0] == strip[1]
+    assert sig.getsignal(getattr(sig, signum)) is before  # the handler is restored after the loop

@@ -66,8 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         return _dispatch(argv)
     try:
         return _dispatch(argv)
-    except KeyboardInterrupt:
-        print("ldmkit: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"ldmkit: {e or 'interrupted'}", file=sys.stderr)
         return 130
     except _user_error_types() as e:
         words = next((" ".join(argv[:n]) for n in (2, 1) if tuple(argv[:n]) in COMMANDS), "")

@@ -15,9 +15,11 @@ import json
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Literal, Mapping
@@ -71,6 +73,10 @@ class TrainConfig:
 
 class TrainingDiverged(RuntimeError):
     """A non-finite loss: the run stops and the last good checkpoint stays as it was."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM: the run finished its current step, saved a checkpoint there and stopped."""
 
 
 # ----------------------------------------------------------------------------- devices, seeds, precision
@@ -204,6 +210,7 @@ class Run:
     # -- restore / save
     def restore(self, modules: Mapping[str, nn.Module], optimizers: Mapping[str, torch.optim.Optimizer]) -> int:
         """Load resume state (returns the step to continue from) or `--init-from` weights (returns 0)."""
+        self._modules, self._optimizers = modules, optimizers  # saved as they are if a signal stops the run
         if self.resume:
             st = load_state(self.dir / "state.pt")
             for name, m in modules.items():
@@ -214,6 +221,7 @@ class Run:
             torch.set_rng_state(st["rng"]["torch"])
             random.setstate(_to_tuple(st["rng"]["python"]))
             self._append_log_trim(st["step"])
+            self._acc = {k: list(v) for k, v in st.get("log_acc", {}).items()}  # the log interval in progress
             return int(st["step"])
         if self.init_from:
             src = Path(self.init_from) / "model.safetensors"
@@ -236,6 +244,7 @@ class Run:
             "modules": {n: unwrap(m).state_dict() for n, m in modules.items()},
             "optimizers": {n: o.state_dict() for n, o in optimizers.items()},
             "rng": {"torch": torch.get_rng_state(), "python": _to_list(random.getstate())},
+            "log_acc": {k: [float(x) for x in v] for k, v in self._acc.items()},
         }
         save_state(state, self.dir / "state.pt")
         save_safetensors(dict(export), self.dir / "model.safetensors", {"stage": self.stage, "step": str(step)})
@@ -267,16 +276,46 @@ class Run:
                          disable=not self._progress, dynamic_ncols=True, file=sys.stderr)
         self._step_last = start
         t_prev = None  # when the previous step started: its length is the guess for the next one
-        for step in range(start, total):
-            now = time.perf_counter()
-            last, t_prev = (now - t_prev if t_prev is not None else 0.0), now
-            if budget and now - self._t0 + last > budget:  # the next step would end past the budget
-                self.stopped_early = True
-                self.print(f"time budget of {self.tc.max_minutes} min spent at step {step}; saving and stopping")
-                break
-            yield step
-            self._bar.update(1)
+        with self._signals_stop_cleanly():
+            for step in range(start, total):
+                now = time.perf_counter()
+                last, t_prev = (now - t_prev if t_prev is not None else 0.0), now
+                if budget and now - self._t0 + last > budget:  # the next step would end past the budget
+                    self.stopped_early = True
+                    self.print(f"time budget of {self.tc.max_minutes} min spent at step {step}; saving and stopping")
+                    break
+                yield step
+                self._bar.update(1)
+                if self._signal is not None:
+                    self._save_and_stop(step + 1)
         self._t_trained = time.perf_counter()
+
+    @contextmanager
+    def _signals_stop_cleanly(self):
+        """SIGINT and SIGTERM let the current step finish, then save a checkpoint and stop (main thread only)."""
+        self._signal = None
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def note(signum, frame):
+            self._signal = signum
+        old = {s: signal.signal(s, note) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+    def _save_and_stop(self, step: int) -> None:
+        modules = getattr(self, "_modules", {})
+        export = modules.get("ema", modules.get("model"))
+        if export is not None:
+            self.save(step, modules, self._optimizers, unwrap(export).state_dict())
+        name = signal.Signals(self._signal).name
+        self.print(f"{name}: checkpoint saved at step {step} in {self.dir}; continue with --resume")
+        raise TrainingInterrupted(f"{self.stage} stopped by {name} after step {step}; the checkpoint in {self.dir} "
+                                  "resumes it exactly (rerun with --resume)")
 
     def log(self, step: int, **scalars: float) -> None:
         """Record scalars for `step`; a non-finite loss stops the run; one line per `log_every` steps."""
