@@ -75,3 +75,12 @@ def test_demo_report_has_every_section_and_no_outside_assets(exported, tiny_pipe
 def test_python_dash_m_runs_the_cli():
     out = subprocess.run([sys.executable, "-m", "ldmkit", "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "demo" in out.stdout and "export" in out.stdout
+
+
+def test_export_keeps_each_files_metadata(tiny_fashion_pipeline, exported):
+    """The LPIPS feature net's config lives in its file's metadata: exported, it must still load."""
+    from ldmkit.autoencoder.featnet import load_featnet
+    src = tiny_fashion_pipeline / "autoencoder" / "lpips_featnet.safetensors"
+    assert src.exists()
+    net = load_featnet(exported / "autoencoder" / "lpips_featnet.safetensors")
+    assert net.cfg == load_featnet(src).cfg

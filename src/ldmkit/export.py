@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from ldmkit.checkpoint import file_hash, load_safetensors, read_json, save_safetensors, write_json
 
@@ -26,9 +27,12 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def convert(src: Path, dst: Path, dtype: torch.dtype) -> None:
-    """Copy a safetensors file with its floating-point tensors cast to `dtype` (integer buffers stay)."""
+    """Copy a safetensors file with its floating-point tensors cast to `dtype` (integer buffers and the file's
+    metadata stay as they are)."""
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in load_safetensors(src).items()}
-    save_safetensors(state, dst, {"format": "pt"})
+    with safe_open(str(src), framework="pt") as f:
+        metadata = f.metadata() or {}
+    save_safetensors(state, dst, metadata)
 
 
 def _rewrite(obj, hashes: dict[str, str], src: str):
