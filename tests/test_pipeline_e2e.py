@@ -142,7 +142,7 @@ def test_img2img_and_inpaint(tiny_pipeline):
 
 def test_classifier_guidance_needs_a_class(tiny_pipeline, tmp_path):
     with pytest.raises(ValueError, match="class"):
-        sample(tiny_pipeline, tmp_path, "x.npz", "--prompt", "", "--classifier-scale", "1", "--steps", "2")
+        sample(tiny_pipeline, tmp_path, "x.npz", "--prompt", "", "--classifier-scale", "1", "--steps", "2", "--debug")
 
 
 def test_help_lists_every_command(capsys):
