@@ -87,11 +87,11 @@ def latent_space(pipe: Pipeline, test: np.ndarray, labels: np.ndarray, n: int) -
                                                    ["std", f"{stats['latent_std']:.3f}"]] +
                     [[f"channel {c} mean / std", f"{m:.3f} / {s:.3f}"] for c, (m, s) in enumerate(per_channel)],
                     "num metrics") +
-            "<p><b>Decoded N(0, I) latents</b>: the prior of a VAE. Pure noise in latent space decodes to "
-            "garment-like textures, not garments: the denoiser is what turns noise into samples.</p>" +
+            "<p><b>Decoded N(0, I) latents</b>: the prior a VAE is pulled toward. Pure noise in latent space "
+            "decodes to blotchy textures, not garments: the denoiser is what turns noise into samples.</p>" +
             R.strip(list(prior), 3) +
-            "<p><b>Interpolation</b> from a sneaker to a bag: in latent space (top) every frame is a plausible "
-            "image; in pixel space (bottom) the two images are cross-faded.</p>" +
+            "<p><b>Interpolation</b> from a sneaker to a bag: in latent space (top) the decoder morphs one shape "
+            "into the other; in pixel space (bottom) the two images are cross-faded.</p>" +
             R.strip(list(lat), 3) + R.strip(pix, 3))
     return html, stats
 

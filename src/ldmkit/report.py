@@ -111,8 +111,8 @@ def line_chart(series: dict[str, tuple[Sequence[float], Sequence[float]]], title
 
 def page(title: str, intro: str, sections: Sequence[tuple[str, str]]) -> str:
     """The whole document: a title, an introduction and (heading, HTML body) sections with a table of contents."""
-    toc = "".join(f'<li><a href="#s{i}">{esc(h)}</a></li>' for i, (h, _) in enumerate(sections))
+    toc = "".join(f'<li><a href="#s{i}">{esc(h)}</a></li>' for i, (h, _) in enumerate(sections))  # numbered
     body = "".join(f'<h2 id="s{i}">{esc(h)}</h2>{b}' for i, (h, b) in enumerate(sections))
     return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
             f'<meta name="viewport" content="width=device-width"><style>{STYLE}</style></head><body>'
-            f'<h1>{esc(title)}</h1>{intro}<ol>{toc}</ol>{body}</body></html>')
+            f'<h1>{esc(title)}</h1>{intro}<ul style="list-style: none">{toc}</ul>{body}</body></html>')
