@@ -36,13 +36,14 @@ from ldmkit.images import from_uint8_nhwc, to_uint8_nhwc
 from ldmkit.nn import in_precision
 from ldmkit.seeding import example_generators, randn
 from ldmkit.stages import (
+    check_hashes,
+    check_spec,
     load_autoencoder,
     load_classifier,
     load_denoiser,
     load_distilled,
     load_fast_decoder,
     load_text_encoder,
-    weights_hash,
 )
 
 # Every network call runs on chunks of exactly this many rows (padded), for batch invariance: an image's bits do not
@@ -149,48 +150,6 @@ def _space(objective) -> str:
     return {"eps": "eps", "v": "v", "x0": "x0", "flow": "flow"}[objective.kind]
 
 
-PIPELINE_FORMAT = "ldmkit-pipeline/1"
-SPEC_KEYS = {"format", "data", "stages", "latent", "image", "defaults", "provenance", "weights_dtype"}
-REQUIRED_STAGES = ("autoencoder", "clip", "denoiser")
-
-
-def check_spec(root: Path, spec: dict) -> None:
-    """pipeline.json's format, keys and stage entries, before anything is loaded: a bad file fails naming the key."""
-    where = root / "pipeline.json"
-    if not isinstance(spec, dict) or spec.get("format") != PIPELINE_FORMAT:
-        got = spec.get("format") if isinstance(spec, dict) else type(spec).__name__
-        raise ValueError(f"{where}: format {got!r} is not {PIPELINE_FORMAT!r}; this ldmkit reads only that format")
-    unknown = sorted(set(spec) - SPEC_KEYS)
-    if unknown:
-        raise ValueError(f"{where}: unknown keys {unknown}; allowed: {sorted(SPEC_KEYS)}")
-    missing = [k for k in ("stages", "latent", "image", "defaults") if not isinstance(spec.get(k), dict)]
-    if missing:
-        raise ValueError(f"{where}: missing or malformed {missing}; rebuild it with `ldmkit train pipeline`")
-    stages = spec["stages"]
-    for name in REQUIRED_STAGES:
-        if name not in stages:
-            raise ValueError(f"{where}: no {name!r} stage; a pipeline needs {', '.join(REQUIRED_STAGES)}")
-    for name, entry in stages.items():
-        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) or "sha256" not in entry:
-            raise ValueError(f"{where}: stage {name!r} needs a 'path' and a 'sha256'")
-        target = (root / entry["path"]).resolve()
-        if root.resolve() not in target.parents:
-            raise ValueError(f"{where}: stage {name!r} path {entry['path']!r} leaves the pipeline folder; stage "
-                             "paths are relative and stay inside it")
-        if not (target / "model.safetensors").is_file():
-            raise FileNotFoundError(f"{where} names stage {name!r} at {root / entry['path']}, which has no "
-                                    "model.safetensors; restore that folder or rebuild the pipeline")
-
-
-def _check_hashes(root: Path, spec: dict) -> None:
-    for name, entry in spec["stages"].items():
-        got = weights_hash(root / entry["path"])
-        if got != entry["sha256"]:
-            raise ValueError(f"{root / entry['path']}: weights hash {got} differs from {entry['sha256']} in "
-                             f"{root / 'pipeline.json'}; the {name} stage was swapped or retrained. Rebuild the "
-                             "pipeline with `ldmkit train pipeline` (or restore the original stage)")
-
-
 def _load_bound(root: Path, st: dict, name: str, loader, key: str, parent: str, what: str, fix: str):
     """(module, config) of the optional stage `name`, whose config records in `key` the weight hash of the stage
     `parent` it was made from; None when pipeline.json does not name it."""
@@ -229,7 +188,7 @@ class Pipeline:
                                     "`ldmkit train pipeline --preset fashion-mnist --out DIR`")
         spec = read_json(root / "pipeline.json")
         check_spec(root, spec)
-        _check_hashes(root, spec)
+        check_hashes(root, spec)
         st = spec["stages"]
         ae, _, _ = load_autoencoder(root / st["autoencoder"]["path"])
         text, _ = load_text_encoder(root / st["clip"]["path"])

@@ -54,3 +54,36 @@ def seed_everything(seed: int) -> None:
     """Seed Python's and torch's global generators (model initialisation; every data draw has its own)."""
     random.seed(seed)
     torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------- data order
+_perm_cache: dict[tuple[int, int, int], torch.Tensor] = {}
+
+
+def _epoch_perm(n: int, seed: int, epoch: int) -> torch.Tensor:
+    key = (n, seed, epoch)
+    if key not in _perm_cache:
+        if len(_perm_cache) > 4:
+            _perm_cache.clear()
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        _perm_cache[key] = torch.randperm(n, generator=g)
+    return _perm_cache[key]
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: int, rank: int = 0,
+                  world: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dataset indices, global sample indices) of this rank's share of global batch `step`.
+
+    The global order is a fresh seeded permutation per epoch, a pure function of (seed, step), so a resumed
+    or multi-process run sees exactly the examples an uninterrupted single-process run sees.
+    """
+    if batch_size % world:
+        raise ValueError(f"train.batch_size={batch_size} must be divisible by the {world} processes")
+    per = batch_size // world
+    g = torch.arange(step * batch_size + rank * per, step * batch_size + (rank + 1) * per)  # global sample ids
+    epochs, pos = g // n, g % n
+    idx = torch.empty_like(g)
+    for e in epochs.unique().tolist():
+        sel = epochs == e
+        idx[sel] = _epoch_perm(n, seed, e)[pos[sel]]
+    return idx, g

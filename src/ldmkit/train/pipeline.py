@@ -16,7 +16,7 @@ from pathlib import Path
 from ldmkit.checkpoint import provenance, write_json
 from ldmkit.config import apply_overrides, preset
 from ldmkit.data import load_dataset
-from ldmkit.stages import load_autoencoder, stage_config, weights_hash
+from ldmkit.stages import PIPELINE_FORMAT, load_autoencoder, stage_config, weights_hash
 from ldmkit.train import autoencoder, classifier, clip, distill, eval_classifier, fast_decoder, ldm
 
 
@@ -123,7 +123,7 @@ def write_pipeline_json(out: Path, pp: PipelinePreset, ds) -> dict:
               for name in STAGES
               if (out / name / "model.safetensors").exists()}
     spec = {
-        "format": "ldmkit-pipeline/1",
+        "format": PIPELINE_FORMAT,
         "data": pp.data,
         "stages": stages,
         "latent": {"scale_factor": scale, "shift_factor": shift, "shape": dcfg["conditioning"]["latent_shape"]},
