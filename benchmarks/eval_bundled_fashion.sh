@@ -15,7 +15,7 @@ for c in "t-shirt" "trouser" "pullover" "dress" "coat" "sandal" "shirt" "sneaker
 done
 for dtype in fp32 bf16; do
   $L export "$src" --out "$work/$dtype" --dtype "$dtype" --overwrite
-  [ -f "$work/samples-$dtype.npz" ] || $L sample "$work/$dtype" "${prompts[@]}" --num 100 --seed 1 --micro-batch 64 --out "$work/samples-$dtype.npz" --no-progress
+  $L sample "$work/$dtype" "${prompts[@]}" --num 100 --seed 1 --micro-batch 64 --out "$work/samples-$dtype.npz" --no-progress
   $L eval "$work/samples-$dtype.npz" --classifier "$work/fp32" --out "$work/samples-$dtype.eval.json" > /dev/null
   $L autoencoder eval "$work/$dtype" --eval-classifier "$work/fp32" --out-json "$work/autoencoder-$dtype.json" > /dev/null
 done
