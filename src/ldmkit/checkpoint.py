@@ -202,3 +202,22 @@ def remove_orphaned_temporaries(path: str | os.PathLike) -> list[Path]:
     for p in gone:
         p.unlink(missing_ok=True)
     return gone
+
+
+def check_run_dir(path: Path, config: dict, resume: bool) -> None:
+    """A fresh run needs a folder without a run in it; `--resume` needs a checkpoint and the same config."""
+    state, stage = path / "state.pt", config["stage"]
+    if resume:
+        if not state.exists():
+            raise FileNotFoundError(f"--resume given but {state} does not exist; drop --resume to start fresh")
+        saved = read_json(path / "config.json")
+        diff = [k for k in config if k != "data" and saved.get(k) != config[k]]
+        if diff:
+            raise ValueError(f"--resume: the config differs from {path / 'config.json'} in {diff}; "
+                             "resume with the same preset and --set overrides, or use --init-from")
+    elif state.exists():
+        raise FileExistsError(f"{path} already holds a run (state.pt); pass --resume to continue it "
+                              "or choose another --out")
+    elif (path / "metrics.json").exists():
+        raise FileExistsError(f"{path} holds a finished {stage} run (metrics.json); choose another "
+                              "--out, or pass --overwrite to replace it")

@@ -87,3 +87,22 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int, rank: int = 0,
         sel = epochs == e
         idx[sel] = _epoch_perm(n, seed, e)[pos[sel]]
     return idx, g
+
+
+def rng_state() -> dict:
+    """The global generators' state as a resume checkpoint keeps it (tuples as lists, so it stays plain data)."""
+    return {"torch": torch.get_rng_state(), "python": _to_list(random.getstate())}
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what `rng_state` saved: a resumed run draws what the uninterrupted one would have."""
+    torch.set_rng_state(state["torch"])
+    random.setstate(_to_tuple(state["python"]))
+
+
+def _to_list(x):
+    return [_to_list(v) for v in x] if isinstance(x, (tuple, list)) else x
+
+
+def _to_tuple(x):
+    return tuple(_to_tuple(v) for v in x) if isinstance(x, (tuple, list)) else x
