@@ -152,11 +152,6 @@ class Run:
         return summary
 
     # -- loop helpers
-    @property
-    def total(self) -> int:
-        """Steps this run takes: the preset's fixed count (a --minutes budget may stop it earlier)."""
-        return self.tc.steps
-
     def steps(self, start: int, total: int) -> Iterator[int]:
         """Step indices start..total-1 with a progress bar. With an opt-in `max_minutes` budget the loop ends
         before a step (as long as the last one) would finish past it; the stage then saves as usual."""
