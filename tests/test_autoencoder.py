@@ -108,7 +108,6 @@ def test_downsampling_factor_and_shapes(levels):
 def test_patch_size_is_pixel_unshuffle_around_a_plain_model():
     """patch_size=2 equals a patch-1 model on 2x2-patch channels: the same weights applied to pixel_unshuffle(x)
     give the same moments, and its decoder's output is pixel_shuffle of the plain decoder's; the factor doubles."""
-    import torch.nn.functional as F
     cfg = replace(SMALL, block_out_channels=(8, 8), in_channels=1, out_channels=1, patch_size=2)
     plain_cfg = replace(cfg, patch_size=1, in_channels=4, out_channels=4)
     assert cfg.downsample_factor == 4 and plain_cfg.downsample_factor == 2
@@ -127,60 +126,6 @@ def test_patch_size_is_pixel_unshuffle_around_a_plain_model():
     with pytest.raises(ValueError, match="not divisible by the downsampling factor 4"):
         model.encode(torch.randn(1, 1, 18, 16))
 
-
-@pytest.mark.parametrize("shape,out_ch", [((2, 5, 3, 7), None), ((3, 16, 8, 8), None), ((2, 6, 4, 5), 3)])
-def test_folded_upsample_equals_nearest_then_conv(shape, out_ch):
-    """The decoder's upsampler (a folded 4x4 transposed conv) against nearest x2 + the 3x3 conv it stores, written
-    here with torch's own ops: same output and same gradients for input, weight and bias (fp32); also when the
-    conv changes the width (the fast decoder's upsamplers)."""
-    from ldmkit.autoencoder.vae import Upsample
-    torch.manual_seed(0)
-    up = Upsample(shape[1], out_ch)
-    x = torch.randn(*shape, requires_grad=True)
-    ref = F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), up.conv.weight, up.conv.bias, padding=1)
-    out = up(x)
-    assert out.shape == ref.shape == (shape[0], out_ch or shape[1], 2 * shape[2], 2 * shape[3])
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-    g = torch.randn_like(ref)
-    got = torch.autograd.grad(out, [x, up.conv.weight, up.conv.bias], g)
-    want = torch.autograd.grad(ref, [x, up.conv.weight, up.conv.bias], g)
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
-
-
-
-def test_written_out_attention_equals_sdpa_and_both_paths_agree(monkeypatch):
-    """The written-out attention of small CPU maps against torch's fused kernel (float64: values and gradients), and
-    the mid block's output on either side of the size cap (the fused path above it)."""
-    from ldmkit.autoencoder import vae
-    from ldmkit.nn import naive_attention
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(3, 10, 6, dtype=torch.float64, generator=g, requires_grad=True) for _ in range(3))
-    out, ref = naive_attention(q, k, v), F.scaled_dot_product_attention(q, k, v)
-    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
-    gy = torch.randn_like(ref)
-    for a, b in zip(torch.autograd.grad(out, [q, k, v], gy), torch.autograd.grad(ref, [q, k, v], gy)):
-        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
-    lo = torch.randn(2, 5, 4, dtype=torch.bfloat16, generator=g)  # bf16 in, bf16 out, float32 softmax inside
-    assert naive_attention(lo, lo, lo).dtype == torch.bfloat16
-    torch.manual_seed(1)
-    attn = vae.SelfAttention(SMALL, 16)
-    x = torch.randn(2, 16, 4, 4)
-    small = attn(x)
-    monkeypatch.setattr(vae, "SMALL_ATTENTION", 0)
-    torch.testing.assert_close(attn(x), small, atol=1e-6, rtol=1e-5)
-
-def test_presets_and_bad_input():
-    assert {k: c.downsample_factor for k, c in PRESETS.items()} == {"tiny": 4, "fashion-mnist": 4, "shapes": 4,
-                                                                    "sd": 8}
-    assert PRESETS["fashion-mnist"].in_channels == 1 and PRESETS["shapes"].in_channels == 3
-    model = small_model()
-    with pytest.raises(ValueError, match="divisible by the downsampling factor 2"):
-        model.encode(torch.zeros(1, 1, 31, 32))
-    with pytest.raises(ValueError, match=r"\(B, 1, H, W\)"):
-        model.encode(torch.zeros(1, 3, 32, 32))
-    with pytest.raises(ValueError, match="norm_groups"):
-        AutoencoderConfig(block_out_channels=(24, 48), norm_groups=32)
 
 
 def test_seeded_forward_is_deterministic_and_last_layer_is_decoder_output():
@@ -361,3 +306,16 @@ def test_scale_factor_and_cache_round_trip(tmp_path):
         save_latent_cache(tmp_path / "x.safetensors", z, {"scale_factor": 1.0})
     with pytest.raises(FileNotFoundError):
         load_latent_cache(tmp_path / "missing.safetensors")
+
+
+def test_presets_and_bad_input():
+    assert {k: c.downsample_factor for k, c in PRESETS.items()} == {"tiny": 4, "fashion-mnist": 4, "shapes": 4,
+                                                                    "sd": 8}
+    assert PRESETS["fashion-mnist"].in_channels == 1 and PRESETS["shapes"].in_channels == 3
+    model = small_model()
+    with pytest.raises(ValueError, match="divisible by the downsampling factor 2"):
+        model.encode(torch.zeros(1, 1, 31, 32))
+    with pytest.raises(ValueError, match=r"\(B, 1, H, W\)"):
+        model.encode(torch.zeros(1, 3, 32, 32))
+    with pytest.raises(ValueError, match="norm_groups"):
+        AutoencoderConfig(block_out_channels=(24, 48), norm_groups=32)

@@ -1,5 +1,5 @@
 """Denoiser backbones (UNet, DiT): shapes, the conditioning contract (null embeddings, drop, padding mask),
-determinism, zero initialisation, overfitting, and the fast linear / attention helpers against torch."""
+determinism, zero initialisation and overfitting (the fast kernels: test_kernels.py)."""
 
 import math
 
@@ -11,7 +11,7 @@ from ldmkit.checkpoint import load_safetensors, save_safetensors
 from ldmkit.diffusion.dit import PRESETS as DIT_PRESETS
 from ldmkit.diffusion.dit import DiT, DiTConfig, sincos_2d
 from ldmkit.diffusion.unet import PRESETS as UNET_PRESETS
-from ldmkit.diffusion.unet import ConvLinear, UNet, UNetConfig, attention
+from ldmkit.diffusion.unet import UNet, UNetConfig
 from ldmkit.nn import count_params
 
 BACKBONES = {"unet": (UNet, UNET_PRESETS["tiny"]), "dit": (DiT, DIT_PRESETS["tiny"])}
@@ -241,35 +241,6 @@ def test_presets_sizes():
     assert 2.5e6 <= count_params(UNet(UNET_PRESETS["fashion-mnist"])) <= 4.2e6
     assert 2.5e6 <= count_params(DiT(DIT_PRESETS["fashion-mnist"])) <= 4.2e6
     assert count_params(UNet(UNET_PRESETS["shapes"])) > 0
-
-
-@pytest.mark.parametrize("shape", [(5, 7, 12), (3, 12), (2, 1, 12)])
-def test_conv_linear_matches_torch_linear(shape):
-    torch.manual_seed(0)
-    layer = ConvLinear(12, 20)
-    x = torch.randn(*shape, requires_grad=True)
-    y = layer(x)
-    ref = F.linear(x, layer.weight, layer.bias)
-    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
-    g = torch.randn_like(y)
-    got = torch.autograd.grad(y, (x, layer.weight, layer.bias), g)
-    want = torch.autograd.grad(ref, (x, layer.weight, layer.bias), g)
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
-    assert list(layer.state_dict()) == list(torch.nn.Linear(12, 20).state_dict())
-
-
-def test_attention_matches_torch_multihead_attention():
-    torch.manual_seed(0)
-    B, T, S, D, H = 3, 5, 7, 16, 4
-    mha = torch.nn.MultiheadAttention(D, H, bias=False, batch_first=True)
-    q, k, v = torch.randn(B, T, D), torch.randn(B, S, D), torch.randn(B, S, D)
-    mask = torch.rand(B, S) > 0.3
-    mask[:, 0] = True
-    wq, wk, wv = mha.in_proj_weight.chunk(3)
-    ours = attention(q @ wq.T, k @ wk.T, v @ wv.T, H, mask) @ mha.out_proj.weight.T
-    ref, _ = mha(q, k, v, key_padding_mask=~mask, need_weights=False)
-    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
 
 
 def test_sincos_2d_closed_form():

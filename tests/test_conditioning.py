@@ -23,7 +23,7 @@ from ldmkit.conditioning import (
     zero_shot_accuracy,
     zero_shot_classifier,
 )
-from ldmkit.nn import naive_attention
+from ldmkit.kernels import written_out_attention as naive_attention
 
 CAPTIONS = ["a red circle", "a blue square on the left", "a small green triangle", "a photo of a t-shirt",
             "an ankle boot", "a large yellow star at the top", "a pullover", "a purple cross in the center"]

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldmkit.autoencoder.posterior import DiagonalGaussian
-from ldmkit.nn import naive_attention
+from ldmkit.kernels import attention, group_norm, nearest_upsample_conv
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ class AutoencoderConfig:
 
 
 def _norm(cfg: AutoencoderConfig, ch: int) -> nn.GroupNorm:
-    return nn.GroupNorm(cfg.norm_groups, ch, eps=1e-6)
+    return group_norm(ch, cfg.norm_groups, eps=1e-6)  # norm_groups divides every width (AutoencoderConfig checks)
 
 
 class ResnetBlock(nn.Module):
@@ -82,13 +82,6 @@ class ResnetBlock(nn.Module):
         return skip + h
 
 
-# Up to this many positions the CPU computes attention written out (ldmkit.nn.naive_attention): for the
-# Fashion-MNIST preset's mid block (64 positions, 128 channels, batch 32, bf16) forward + backward takes about half
-# the time of F.scaled_dot_product_attention's CPU kernels. The (HW, HW) weights then live in memory, hence the cap
-# (64x64 latents of a Stable Diffusion VAE keep the fused kernel).
-SMALL_ATTENTION = 1024
-
-
 class SelfAttention(nn.Module):
     """Single-head spatial self-attention with a residual connection (diffusers' mid-block `Attention`)."""
 
@@ -106,11 +99,7 @@ class SelfAttention(nn.Module):
         qkv = F.linear(h, torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight]),
                        torch.cat([self.to_q.bias, self.to_k.bias, self.to_v.bias]))  # one (C, 3C) matmul
         q, k, v = qkv.chunk(3, dim=-1)  # (B, HW, C) each
-        if x.device.type == "cpu" and H * W <= SMALL_ATTENTION:
-            h = naive_attention(q, k, v)
-        else:
-            h = F.scaled_dot_product_attention(q, k, v)  # softmax(qk^T/sqrt(C)) v, memory-efficient kernels
-        h = self.to_out[0](h)
+        h = self.to_out[0](attention(q, k, v))  # softmax(q k^T / sqrt(C)) v, one head
         return x + h.reshape(B, H, W, C).permute(0, 3, 1, 2)  # back to (B, C, H, W), channels_last strides
 
 
@@ -125,33 +114,18 @@ class Downsample(nn.Module):
         return self.conv(F.pad(x, (0, 1, 0, 1)))
 
 
-# Nearest x2 then a 3x3 conv, seen from the output: row 2y + p reads upsampled rows 2y + p - 1 .. 2y + p + 1, which
-# are input rows (y - 1, y, y) for p = 0 and (y, y, y + 1) for p = 1. As a stride-2 transposed conv with a 4x4
-# kernel and padding 1, output row 2y + p takes input row q through tap k = 2 (y - q) + p + 1: k = 0 <- w2 (p = 1,
-# q = y + 1), k = 1 <- w1 + w2 (p = 0, q = y), k = 2 <- w0 + w1 (p = 1, q = y), k = 3 <- w0 (p = 0, q = y - 1).
-_FOLD = ((0.0, 0.0, 1.0), (0.0, 1.0, 1.0), (1.0, 1.0, 0.0), (1.0, 0.0, 0.0))  # (4 taps, 3 kernel rows)
-
-
-def folded_upsample_weight(w: torch.Tensor) -> torch.Tensor:
-    """(O, I, 3, 3) conv kernel -> the (I, O, 4, 4) stride-2 transposed-conv kernel equal to nearest x2 + that conv."""
-    m = torch.tensor(_FOLD, dtype=w.dtype, device=w.device)
-    return torch.einsum("ak,oikl,bl->ioab", m, w, m)
-
-
 class Upsample(nn.Module):
     """Nearest-neighbour x2, then a 3x3 conv: (B, C, H, W) -> (B, out_ch or C, 2H, 2W).
 
-    Computed exactly (up to float rounding) without materialising the upsampled map: the 3x3 kernel is folded into
-    a 4x4 stride-2 transposed conv on the low-resolution input (16 instead of 36 multiply-adds per output pixel and
-    channel pair; forward + backward ~1.8x faster at the Fashion-MNIST preset's sizes). The parameters and their
-    names are the plain form's (`conv.weight` (C, C, 3, 3)), so diffusers / Stable Diffusion weights load unchanged."""
+    Computed without materialising the upsampled map (`ldmkit.kernels.nearest_upsample_conv`). The parameters and
+    their names are the plain form's (`conv.weight` (C, C, 3, 3)), so Stable Diffusion weights load unchanged."""
 
     def __init__(self, ch: int, out_ch: int | None = None):
         super().__init__()
         self.conv = nn.Conv2d(ch, out_ch or ch, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv_transpose2d(x, folded_upsample_weight(self.conv.weight), self.conv.bias, stride=2, padding=1)
+        return nearest_upsample_conv(x, self.conv.weight, self.conv.bias)
 
 
 class Level(nn.Module):

@@ -3,7 +3,7 @@
 Latents are cut into p x p patches (tokens), pass through adaLN-Zero blocks conditioned on the timestep embedding
 plus the pooled text vector, attend to the per-token text states inside each block (as in PixArt-alpha: a plain
 pre-norm cross-attention between self-attention and MLP), and a final adaLN layer maps tokens back to patches.
-Token linears are `ConvLinear` (fast on CPU, see unet.py); the conditioning contract and null embeddings are the
+Token linears are `ConvLinear` (`ldmkit.kernels`); the conditioning contract and null embeddings are the
 UNet's (`embed_condition`).
 """
 
@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldmkit.diffusion.unet import ConvLinear, attention, embed_condition
+from ldmkit.diffusion.unet import embed_condition
+from ldmkit.kernels import ConvLinear, attention
 from ldmkit.nn import TimestepMLP, zero_module
 
 

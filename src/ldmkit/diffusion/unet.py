@@ -3,10 +3,10 @@
 Built for small latents (8x8x4) on a CPU. Choices that make it fast there, measured on a 2-core Zen 5:
 - feature maps stay channels-last from stem to output, and so do the conv kernels, so every conv runs on
   oneDNN's fast path without a layout conversion;
-- every token-wise linear layer (attention projections, MLPs, context keys/values) is a `ConvLinear`: the same
-  parameters as `nn.Linear`, computed as a 1x1 convolution over channels-last memory, ~1.7x faster forward +
-  backward than `addmm` on CPU. Channels-last feature maps *are* token tensors (B, H*W, C) in memory, so moving
-  between conv blocks and attention layers costs no copy;
+- every token-wise linear layer (attention projections, MLPs, context keys/values) is a `ConvLinear`
+  (`ldmkit.kernels`): `nn.Linear`'s parameters, computed as a 1x1 convolution over channels-last memory, and
+  channels-last feature maps *are* token tensors (B, H*W, C), so moving between conv blocks and attention layers
+  costs no copy;
 - attention layers are one flat pre-norm layer (self-attention with fused qkv, cross-attention, plain SiLU MLP)
   instead of a transformer block with proj_in / proj_out, GEGLU and reshapes (SiLU forward + backward costs a
   third of tanh-GELU's on CPU);
@@ -25,49 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldmkit.nn import TimestepMLP, group_norm, zero_module
+from ldmkit.kernels import ConvLinear, attention, fp32_under_autocast, group_norm
+from ldmkit.nn import TimestepMLP, zero_module
 
 # ----------------------------------------------------------------------------------------------------------------
-# Helpers shared with dit.py
-
-
-class ConvLinear(nn.Linear):
-    """`nn.Linear` (same parameters, same state_dict) that runs as a channels-last 1x1 convolution on CPU.
-
-    On CPU, oneDNN's convolution is ~1.7x faster forward + backward than the MKL `addmm` behind `F.linear`
-    (measured on token tensors (128, 16, C)). Token tensors (B, T, Din) are viewed as a channels-last batch of
-    (Din, T, 1) images, which keeps oneDNN's heuristics on its fast path. Other devices and 2-D inputs use F.linear.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu" or x.dim() < 3:
-            return F.linear(x, self.weight, self.bias)
-        lead = x.shape[:-1]
-        x4 = x.reshape(x.shape[0], -1, 1, self.in_features).permute(0, 3, 1, 2)  # (B, Din, T, 1), channels-last
-        y = F.conv2d(x4, self.weight[:, :, None, None], self.bias)  # (B, Dout, T, 1), channels-last
-        return y.permute(0, 2, 3, 1).reshape(*lead, self.out_features)  # (B, T, Dout), no copy
-
-
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
-              mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Multi-head softmax(q k^T / sqrt(d)) v on token tensors: q (B, T, D), k and v (B, S, D), mask (B, S) bool
-    (True = attend) -> (B, T, D)."""
-    B, T, D = q.shape
-    S = k.shape[1]
-    q = q.view(B, T, heads, D // heads).transpose(1, 2)  # (B, H, T, d)
-    k = k.view(B, S, heads, D // heads).transpose(1, 2)  # (B, H, S, d)
-    v = v.view(B, S, heads, D // heads).transpose(1, 2)  # (B, H, S, d)
-    m = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, S)
-    if q.device.type == "cpu" and q.dtype == torch.bfloat16:  # CPU's bf16 SDPA backward is ~8x slower than fp32
-        y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=m).to(q.dtype)
-    else:
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=m)  # (B, H, T, d)
-    return y.transpose(1, 2).reshape(B, T, D)
-
-
-def fp32_under_autocast(x: torch.Tensor) -> torch.Tensor:
-    """x in fp32 while CPU autocast is on (GroupNorm is ~2x slower in bf16 on CPU); x unchanged otherwise."""
-    return x.float() if x.device.type == "cpu" and torch.is_autocast_enabled("cpu") else x
+# The conditioning prologue shared with dit.py
 
 
 def embed_condition(model: nn.Module, t: torch.Tensor, batch: int, context, context_mask, pooled, drop):

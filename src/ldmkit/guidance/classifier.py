@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldmkit.nn import group_norm, timestep_embedding, zero_module
+from ldmkit.kernels import group_norm
+from ldmkit.nn import timestep_embedding, zero_module
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 GradLogP = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
