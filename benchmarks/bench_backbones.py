@@ -74,7 +74,7 @@ def step_seconds(cfg: ldm.LDMConfig, ae_dir: Path, clip_dir: Path, ds, reps: int
 def warm_latent_cache(ae_dir: Path, ds) -> None:
     """Encode the training set into the autoencoder's latent cache (a no-op when it is already there)."""
     from ldmkit.stages import load_autoencoder, weights_hash
-    from ldmkit.train.latents import posterior_cache
+    from ldmkit.train.latent_cache import posterior_cache
     ae, _, _ = load_autoencoder(ae_dir)
     posterior_cache(ae_dir, ae, weights_hash(ae_dir), ds, "fashion-mnist", "train")
 

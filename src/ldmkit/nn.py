@@ -51,6 +51,11 @@ def zero_module(module: nn.Module) -> nn.Module:
     return module
 
 
+def per_example(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A per-example value (B,) as (B, 1, ..., 1), to scale or shift `like` (B, ...) example by example."""
+    return v.reshape(-1, *[1] * (like.ndim - 1))
+
+
 def mean_flat(x: torch.Tensor) -> torch.Tensor:
     """Mean over every dimension but the first: (B, ...) -> (B,)."""
     return x.flatten(1).mean(1)

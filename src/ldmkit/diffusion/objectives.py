@@ -20,9 +20,9 @@ from typing import Callable
 
 import torch
 
+from ldmkit.nn import mean_flat, per_example
 from ldmkit.seeding import example_generators
 
-from ..nn import mean_flat
 from .schedules import NUM_TRAIN_STEPS, VP_SCHEDULES, FlowSchedule, VPSchedule, get_schedule, vp_coefficients
 
 KINDS = ("eps", "v", "x0", "flow")
@@ -108,17 +108,13 @@ def min_snr_weight(snr: torch.Tensor, kind: str, gamma: float) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------- losses
 
 
-def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return v.view(-1, *([1] * (x.dim() - 1))).to(x.dtype)  # (B,) -> (B, 1, ..., 1)
-
-
 def vp_loss(backbone: Callable, x0: torch.Tensor, noise: torch.Tensor, u: torch.Tensor, drop: torch.Tensor,
             cond: dict, objective: Objective) -> torch.Tensor:
     """eps / v / x0 regression on a VP schedule (Ho et al. 2020 eq. 14; Salimans & Ho 2022). (B,)."""
     schedule = objective.get_schedule()
     k = (u.cpu() * schedule.num_steps).long().clamp(max=schedule.num_steps - 1)  # (B,) discrete timestep
     abar = schedule.alphas_cumprod[k].to(x0.device, torch.float32)  # (B,)
-    a, s = _bcast(abar.sqrt(), x0), _bcast((1 - abar).sqrt(), x0)
+    a, s = per_example(abar.sqrt(), x0), per_example((1 - abar).sqrt(), x0)
     x_t = a * x0 + s * noise  # q(x_t | x0), eq. 4
     target = {"eps": noise, "v": a * noise - s * x0, "x0": x0}[objective.kind]
     out = backbone(x_t, k.to(x0.device, torch.float32), drop=drop, **cond)
@@ -132,7 +128,7 @@ def flow_loss(backbone: Callable, x0: torch.Tensor, noise: torch.Tensor, u: torc
               cond: dict, objective: Objective) -> torch.Tensor:
     """Rectified-flow / conditional flow matching: regress the velocity eps - x0 at x_t = (1-t) x0 + t eps. (B,)."""
     t = logit_normal_time(u, objective.logit_mean, objective.logit_std)  # (B,)
-    tb = _bcast(t, x0)
+    tb = per_example(t, x0)
     x_t = (1 - tb) * x0 + tb * noise
     out = backbone(x_t, t * NUM_TRAIN_STEPS, drop=drop, **cond)
     loss = mean_flat((out.float() - (noise - x0).float()) ** 2)  # (B,)
@@ -177,16 +173,16 @@ def make_denoiser(backbone: Callable, objective: Objective) -> Callable:
             raise ValueError(f"sigma must have shape ({x.shape[0]},) for x of shape {tuple(x.shape)}, "
                              f"got {tuple(sigma.shape)}")
         sigma = sigma.to(x.device, torch.float64 if x.dtype == torch.float64 else torch.float32)
-        x_in = x * _bcast(schedule.input_scale(sigma), x)  # model-space input
+        x_in = x * per_example(schedule.input_scale(sigma), x)  # model-space input
         out = backbone(x_in, schedule.model_time(sigma).to(sigma.dtype), **(cond or {})).to(x.dtype)
         if kind == "flow":
-            t = _bcast(FlowSchedule.t_from_sigma(sigma), x)
+            t = per_example(FlowSchedule.t_from_sigma(sigma), x)
             return x_in - t * out  # x_t - t (eps - x0) = x0
         if kind == "x0":
             return out
         if kind == "eps":
-            return x - _bcast(sigma, x) * out  # x = x0 + sigma eps
+            return x - per_example(sigma, x) * out  # x = x0 + sigma eps
         alpha, sigma_vp = vp_coefficients(sigma)
-        return _bcast(alpha, x) * x_in - _bcast(sigma_vp, x) * out  # x0 = alpha x_vp - sigma_vp v
+        return per_example(alpha, x) * x_in - per_example(sigma_vp, x) * out  # x0 = alpha x_vp - sigma_vp v
 
     return denoise

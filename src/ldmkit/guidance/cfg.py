@@ -32,6 +32,8 @@ from typing import Callable
 
 import torch
 
+from ldmkit.nn import per_example
+
 Cond = dict[str, torch.Tensor]
 CondDenoiser = Callable[[torch.Tensor, torch.Tensor, Cond], torch.Tensor]
 
@@ -125,11 +127,6 @@ def split(out: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return out[:n], out[n:]
 
 
-def _per_example(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """(B,) -> (B, 1, ..., 1) broadcastable against `like`."""
-    return v.reshape(-1, *[1] * (like.ndim - 1))
-
-
 def _flat_dims(x: torch.Tensor) -> list[int]:
     return list(range(1, x.ndim))
 
@@ -186,7 +183,7 @@ def apg_update(diff: torch.Tensor, d_cond: torch.Tensor, eta: float, norm_thresh
     """APG update from the (momentum-averaged) difference D_c - D_u: norm cap r, then eta * parallel + orthogonal."""
     if norm_threshold > 0:
         norm = diff.flatten(1).norm(dim=1)  # (B,)
-        diff = diff * _per_example(torch.clamp(norm_threshold / norm, max=1.0), diff)  # ||diff|| <= r
+        diff = diff * per_example(torch.clamp(norm_threshold / norm, max=1.0), diff)  # ||diff|| <= r
     parallel, orthogonal = project(diff, d_cond)
     return orthogonal + eta * parallel
 
@@ -197,7 +194,7 @@ def rescale_origin(x: torch.Tensor, sigma: torch.Tensor, space: str) -> torch.Te
     x0: o = 0. eps = (x - x0) / sigma: o = x. VP v = alpha eps - sigma_vp x0 = (x - (1 + s^2) x0) / (s sqrt(1 + s^2)):
     o = x / (1 + sigma^2). Flow velocity u = eps - x0 = (x - (1 + s) x0) / s: o = x / (1 + sigma).
     """
-    s = _per_example(sigma, x)
+    s = per_example(sigma, x)
     if space == "x0":
         return torch.zeros_like(x)
     if space == "eps":
@@ -293,7 +290,7 @@ class GuidedDenoiser:
     def _combine(self, d_cond_all, d_uncond, x, sigma, scale, idx) -> torch.Tensor:
         dtype = torch.promote_types(d_cond_all.dtype, torch.float32)
         d_c, d_u = d_cond_all[idx].to(dtype), d_uncond.to(dtype)  # (A, ...)
-        w = _per_example(scale[idx].to(dtype), d_c)
+        w = per_example(scale[idx].to(dtype), d_c)
         if self.mode == "cfg":
             guided = d_u + w * (d_c - d_u)  # D_u + w (D_c - D_u)
         else:

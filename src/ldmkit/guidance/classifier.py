@@ -28,17 +28,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldmkit.kernels import group_norm
-from ldmkit.nn import timestep_embedding, zero_module
+from ldmkit.nn import per_example, timestep_embedding, zero_module
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 GradLogP = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 ModelInput = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 LOG_SIGMA_SCALE = 250.0  # noise level fed to the classifier = 250 ln(sigma) = 1000 * EDM's c_noise (ln(sigma) / 4)
-
-
-def _per_example(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return v.reshape(-1, *[1] * (like.ndim - 1))  # (B,) -> (B, 1, ..., 1)
 
 
 def _sigma_vector(sigma, x: torch.Tensor) -> torch.Tensor:
@@ -74,7 +70,7 @@ def classifier_guidance(denoise: Denoiser, grad_log_p: GradLogP, scale: float) -
             grad = grad_log_p(xs, ss)
         if grad.shape != xs.shape:
             raise ValueError(f"grad_log_p returned shape {tuple(grad.shape)} for x of shape {tuple(xs.shape)}")
-        shift = scale * _per_example(ss, xs) ** 2 * grad.detach().to(x0_hat.dtype)  # Tweedie shift
+        shift = scale * per_example(ss, xs) ** 2 * grad.detach().to(x0_hat.dtype)  # Tweedie shift
         return x0_hat.index_add(0, idx, shift)
 
     return guided
@@ -83,14 +79,14 @@ def classifier_guidance(denoise: Denoiser, grad_log_p: GradLogP, scale: float) -
 def log_sigma_input(x: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Default classifier input: VP-scaled x / sqrt(1 + sigma^2) (unit variance for unit-variance latents) and
     noise level 250 ln(sigma). Replace it with the objective's own (input, model time) map to share the denoiser's."""
-    x_in = x / _per_example(torch.sqrt(1 + sigma**2), x)  # (B, C, H, W)
+    x_in = x / per_example(torch.sqrt(1 + sigma**2), x)  # (B, C, H, W)
     level = LOG_SIGMA_SCALE * torch.log(sigma.clamp_min(1e-20))  # (B,), sigma = 0 is a clean input
     return x_in, level
 
 
 def add_noise(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """Sigma-space noising x = x0 + sigma * eps (the default; pass the objective's own to share its schedule)."""
-    return x0 + _per_example(sigma, x0) * noise
+    return x0 + per_example(sigma, x0) * noise
 
 
 def classifier_grad_fn(classifier: nn.Module, labels: torch.Tensor,

@@ -34,12 +34,13 @@ from ldmkit.data import load_dataset
 from ldmkit.diffusion.objectives import draw_training_noise, logit_normal_time, make_denoiser
 from ldmkit.diffusion.schedules import NUM_TRAIN_STEPS
 from ldmkit.guidance.cfg import Guidance, guided_denoiser
+from ldmkit.nn import per_example
 from ldmkit.pipeline import Pipeline, PromptEncoder, sample_latents
 from ldmkit.seeding import example_generators, example_seed, randn
 from ldmkit.stages import weights_hash
 from ldmkit.train import common
 from ldmkit.train.common import TrainConfig
-from ldmkit.train.latents import draw_latents, posterior_cache
+from ldmkit.train.latent_cache import draw_latents, posterior_cache
 from ldmkit.train.ldm import LDMConfig
 
 NOISE_SEED_OFFSET = 7919  # the student's draws differ from the ones the teacher was trained on
@@ -145,14 +146,14 @@ def train(cfg: DistillStage, out, pipeline_dir, data_dir: str | None = None, res
         drop = drop | cond["drop"]
         cond["drop"] = drop
         t = logit_normal_time(u, pipe.objective.logit_mean, pipe.objective.logit_std).clamp(1e-4, 1 - 1e-4)
-        tb = t.view(-1, 1, 1, 1)
+        tb = per_example(t, x0)
         x_t = (1 - tb) * x0 + tb * noise
         sigma = t / (1 - t)
         with torch.no_grad():  # the teacher's guided x0 (dropped rows: scale 1 on the null condition = D_u)
             scale = torch.where(drop, torch.ones_like(t), torch.full_like(t, w))
             guided = guided_denoiser(teacher, cond, {**cond, "drop": torch.ones_like(drop)}, scale, rescale=phi,
                                      rescale_space="flow")
-            target = (x_t - guided(x_t * (1 + sigma).view(-1, 1, 1, 1), sigma)) / tb  # velocity of D_guided
+            target = (x_t - guided(x_t * per_example(1 + sigma, x_t), sigma)) / tb  # velocity of D_guided
         common.set_lr(opt, common.lr_at(step, tc))
         with common.autocast(run.device, tc.precision):
             pred = net(x_t, t * NUM_TRAIN_STEPS, **cond)

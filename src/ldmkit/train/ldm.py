@@ -29,7 +29,7 @@ from ldmkit.stages import build_backbone, load_autoencoder, load_text_encoder, w
 from ldmkit.train import common
 from ldmkit.train.args import load_data, resolve_config, train_parser
 from ldmkit.train.common import TrainConfig
-from ldmkit.train.latents import draw_latents, posterior_cache
+from ldmkit.train.latent_cache import draw_latents, posterior_cache
 
 
 @dataclass(frozen=True)
