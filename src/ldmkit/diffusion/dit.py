@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldmkit.diffusion.unet import embed_condition
+from ldmkit.diffusion.unet import embed_condition, init_condition_embeddings
 from ldmkit.kernels import ConvLinear, attention
 from ldmkit.nn import TimestepMLP, zero_module
 
@@ -137,12 +137,7 @@ class DiT(nn.Module):
                 nn.init.zeros_(m.bias)
         nn.init.xavier_uniform_(self.patch.weight.view(self.patch.weight.shape[0], -1))
         nn.init.zeros_(self.patch.bias)
-        for m in self.time_embed.mlp:
-            if isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, std=0.02)
-        nn.init.normal_(self.null_context, std=0.02)
-        if self.null_pooled is not None:
-            nn.init.normal_(self.null_pooled, std=0.02)
+        init_condition_embeddings(self)
         if isinstance(self.pos, nn.Parameter):
             nn.init.normal_(self.pos, std=0.02)
         for m in [self.final_ada, self.final] + [m for b in self.blocks for m in (b.ada, b.out)]:

@@ -45,6 +45,16 @@ def embed_condition(model: nn.Module, t: torch.Tensor, batch: int, context, cont
     return context, mask, F.silu(emb)
 
 
+def init_condition_embeddings(model: nn.Module) -> None:
+    """N(0, 0.02^2) for the timestep MLP's weights and the null embeddings (both backbones, in this order)."""
+    for m in model.time_embed.mlp:
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.02)
+    nn.init.normal_(model.null_context, std=0.02)
+    if model.null_pooled is not None:
+        nn.init.normal_(model.null_pooled, std=0.02)
+
+
 def prepare_condition(null_context: torch.Tensor, null_pooled: torch.Tensor | None, batch: int,
                       context: torch.Tensor | None, context_mask: torch.Tensor | None,
                       pooled: torch.Tensor | None, drop: torch.Tensor | None):
@@ -267,12 +277,7 @@ class UNet(nn.Module):
             if isinstance(m, ConvLinear):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
-        for m in self.time_embed.mlp:
-            if isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, std=0.02)
-        nn.init.normal_(self.null_context, std=0.02)
-        if self.null_pooled is not None:
-            nn.init.normal_(self.null_pooled, std=0.02)
+        init_condition_embeddings(self)
         for m in self.modules():
             if isinstance(m, ResBlock):
                 zero_module(m.conv2)

@@ -84,3 +84,18 @@ def clear_run_dir(out: str) -> None:
         raise FileExistsError(f"--overwrite: {path} holds no training run (no config.json); it is left alone")
     lock_run_dir(path)  # refuses while another process writes there
     shutil.rmtree(path)
+
+
+def stage_main(prog: str, doc: str, presets: Mapping[str, object], train, argv: list[str] | None,
+               on_autoencoder: bool = False, **parser_kw) -> int:
+    """The command line of one training stage: parse, resolve the preset and overrides, load the data, train.
+    `on_autoencoder`: the stage trains on a finished autoencoder (`--autoencoder DIR`: classifier, fast decoder)."""
+    p = train_parser(prog, doc.splitlines()[0], presets, "fashion-mnist", **parser_kw)
+    if on_autoencoder:
+        p.add_argument("--autoencoder", required=True, help="autoencoder stage directory")
+    args = p.parse_args(argv)
+    cfg = resolve_config(args, presets)
+    spec, ds = load_data(args)
+    train(cfg, args.out, spec, ds, *([args.autoencoder] if on_autoencoder else []), resume=args.resume,
+          init_from=args.init_from, progress=not args.no_progress)
+    return 0

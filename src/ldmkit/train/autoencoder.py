@@ -42,7 +42,7 @@ from ldmkit.eval.metrics import psnr
 from ldmkit.images import save_grid
 from ldmkit.seeding import example_seed
 from ldmkit.train import common
-from ldmkit.train.args import load_data, resolve_config, train_parser
+from ldmkit.train.args import stage_main
 from ldmkit.train.common import TrainConfig
 
 FEATNET_FILE = "lpips_featnet.safetensors"
@@ -166,12 +166,7 @@ def build(cfg: AutoencoderStage, channels: int, device: torch.device):
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = train_parser("ldmkit train autoencoder", __doc__.splitlines()[0], PRESETS, "fashion-mnist")
-    args = p.parse_args(argv)
-    cfg = resolve_config(args, PRESETS)
-    spec, ds = load_data(args)
-    train(cfg, args.out, spec, ds, resume=args.resume, init_from=args.init_from, progress=not args.no_progress)
-    return 0
+    return stage_main("ldmkit train autoencoder", __doc__, PRESETS, train, argv)
 
 
 def train(cfg: AutoencoderStage, out, spec: str, ds, resume: bool = False, init_from: str | None = None,

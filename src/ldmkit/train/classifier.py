@@ -20,7 +20,7 @@ from ldmkit.guidance.classifier import PRESETS as CLF_PRESETS
 from ldmkit.guidance.classifier import ClassifierConfig, NoisyLatentClassifier, classifier_loss, log_sigma_input
 from ldmkit.stages import load_autoencoder, weights_hash
 from ldmkit.train import common
-from ldmkit.train.args import load_data, resolve_config, train_parser
+from ldmkit.train.args import stage_main
 from ldmkit.train.common import TrainConfig
 from ldmkit.train.latent_cache import draw_latents, posterior_cache
 
@@ -54,14 +54,7 @@ def training_sigma(objective: Objective, u: torch.Tensor) -> torch.Tensor:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = train_parser("ldmkit train classifier", __doc__.splitlines()[0], PRESETS, "fashion-mnist")
-    p.add_argument("--autoencoder", required=True, help="autoencoder stage directory")
-    args = p.parse_args(argv)
-    cfg = resolve_config(args, PRESETS)
-    spec, ds = load_data(args)
-    train(cfg, args.out, spec, ds, args.autoencoder, resume=args.resume, init_from=args.init_from,
-          progress=not args.no_progress)
-    return 0
+    return stage_main("ldmkit train classifier", __doc__, PRESETS, train, argv, on_autoencoder=True)
 
 
 def train(cfg: ClassifierStage, out, spec: str, ds, ae_dir: str, resume: bool = False, init_from=None,

@@ -41,7 +41,7 @@ from ldmkit.data.shapes import redraw
 from ldmkit.eval.clip_cli import quick_metrics
 from ldmkit.seeding import example_seed
 from ldmkit.train import common
-from ldmkit.train.args import load_data, resolve_config, train_parser
+from ldmkit.train.args import stage_main
 from ldmkit.train.clip_negatives import (  # noqa: F401
     HARD_NEGATIVE_ATTRIBUTES,
     exhaustive_negatives,
@@ -261,13 +261,7 @@ def default_preset(spec: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = train_parser("ldmkit train clip", __doc__.splitlines()[0], PRESETS, "fashion-mnist",
-                     preset_by_data=default_preset)
-    args = p.parse_args(argv)
-    cfg = resolve_config(args, PRESETS)
-    spec, ds = load_data(args)
-    train(cfg, args.out, spec, ds, resume=args.resume, init_from=args.init_from, progress=not args.no_progress)
-    return 0
+    return stage_main("ldmkit train clip", __doc__, PRESETS, train, argv, preset_by_data=default_preset)
 
 
 def train(cfg: CLIPStage, out, spec: str, ds, resume: bool = False, init_from: str | None = None,

@@ -88,6 +88,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def student_of(teacher: torch.nn.Module, run):
+    """A trainable copy of the teacher, its EMA and optimizer, restored when resuming: (model, ema, net, opt, start)."""
+    model = copy.deepcopy(teacher).to(run.device).train().requires_grad_(True)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    opt = common.make_adamw(model.parameters(), run.tc)
+    start = run.restore({"model": model, "ema": ema}, {"opt": opt})
+    return model, ema, common.wrap_ddp(model, run.device), opt, start
+
+
 def update(run, step: int, loss: torch.Tensor, model, ema, opt) -> None:
     """Backward, clip, optimizer step, EMA, log and checkpoint: the end of both distillation loops' steps."""
     tc = run.tc
@@ -129,11 +138,7 @@ def train(cfg: DistillStage, out, pipeline_dir, data_dir: str | None = None, res
     cache = posterior_cache(root / st["autoencoder"]["path"], pipe.autoencoder, st["autoencoder"]["sha256"], ds,
                             spec, "train", fallback_dir=out, progress=progress)
     teacher = make_denoiser(pipe.backbone.to(run.device), pipe.objective)
-    model = copy.deepcopy(pipe.backbone).to(run.device).train().requires_grad_(True)
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
-    net = common.wrap_ddp(model, run.device)
-    opt = common.make_adamw(model.parameters(), tc)
-    start = run.restore({"model": model, "ema": ema}, {"opt": opt})
+    model, ema, net, opt, start = student_of(pipe.backbone, run)
     encode = PromptEncoder(pipe.encode.text_encoder, tokens=pipe.encode.tokens)
     seed = tc.seed + NOISE_SEED_OFFSET
     step, loss = start, torch.zeros(())
@@ -180,12 +185,8 @@ def train_one_step(cfg: DistillStage, out, pipeline_dir, data_dir: str | None = 
     ds = load_dataset(spec, split="train", **({"data_dir": data_dir} if spec == "fashion-mnist" else {}))
     run = common.start_run(out, cfg, tc, "distill", data=spec, resume=resume, progress=progress)
     teacher = teacher.to(run.device)
-    model = copy.deepcopy(teacher).train().requires_grad_(True)
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
-    net = common.wrap_ddp(model, run.device)
+    model, ema, net, opt, start = student_of(teacher, run)
     student = make_denoiser(net, pipe.objective)
-    opt = common.make_adamw(model.parameters(), tc)
-    start = run.restore({"model": model, "ema": ema}, {"opt": opt})
     encode = PromptEncoder(pipe.encode.text_encoder, tokens=pipe.encode.tokens)
     seed = tc.seed + NOISE_SEED_OFFSET
     step, loss = start, torch.zeros(())
