@@ -26,7 +26,6 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ldmkit.checkpoint import read_json
 from ldmkit.data import parse_class
 from ldmkit.diffusion.objectives import make_denoiser
 from ldmkit.diffusion.samplers import get_sampler
@@ -35,16 +34,7 @@ from ldmkit.guidance.classifier import classifier_grad_fn, classifier_guidance
 from ldmkit.images import from_uint8_nhwc, to_uint8_nhwc
 from ldmkit.nn import in_precision
 from ldmkit.seeding import example_generators, randn
-from ldmkit.stages import (
-    check_hashes,
-    check_spec,
-    load_autoencoder,
-    load_classifier,
-    load_denoiser,
-    load_distilled,
-    load_fast_decoder,
-    load_text_encoder,
-)
+from ldmkit.stages import load_pipeline_stages
 
 # Every network call runs on chunks of exactly this many rows (padded), for batch invariance: an image's bits do not
 # depend on which images share its batch. 16 keeps one-image requests cheap; bulk sampling runs faster with 64 (the
@@ -150,24 +140,12 @@ def _space(objective) -> str:
     return {"eps": "eps", "v": "v", "x0": "x0", "flow": "flow"}[objective.kind]
 
 
-def _load_bound(root: Path, st: dict, name: str, loader, key: str, parent: str, what: str, fix: str):
-    """(module, config) of the optional stage `name`, whose config records in `key` the weight hash of the stage
-    `parent` it was made from; None when pipeline.json does not name it."""
-    if name not in st:
-        return None
-    loaded = loader(root / st[name]["path"])
-    want = st[parent]["sha256"] if parent in st else None
-    if loaded[1][key] != want:
-        raise ValueError(f"{what} in {root} was trained for another {parent} (hash {loaded[1][key]}, pipeline has "
-                         f"{want}); {fix}")
-    return loaded
-
-
 class Pipeline:
     """Autoencoder + frozen text encoder + denoiser (+ noise-aware classifier) behind one call."""
 
     def __init__(self, root: Path, spec: dict, autoencoder, text_encoder, backbone, objective, classifier=None,
                  text_tokens: bool = True, fast_decoder=None, distilled=None, onestep=None):
+        """The loaded stages (`Pipeline.load` reads them from a pipeline directory)."""
         self.root, self.spec = root, spec
         self.fast_decoder = fast_decoder
         self.distilled = distilled  # (guidance-distilled backbone, its config) or None
@@ -186,29 +164,8 @@ class Pipeline:
         if not (root / "pipeline.json").exists():
             raise FileNotFoundError(f"{root} is not a pipeline directory (no pipeline.json); build one with "
                                     "`ldmkit train pipeline --preset fashion-mnist --out DIR`")
-        spec = read_json(root / "pipeline.json")
-        check_spec(root, spec)
-        check_hashes(root, spec)
-        st = spec["stages"]
-        ae, _, _ = load_autoencoder(root / st["autoencoder"]["path"])
-        text, _ = load_text_encoder(root / st["clip"]["path"])
-        backbone, objective, dcfg = load_denoiser(root / st["denoiser"]["path"])
-        cond = dcfg["conditioning"]
-        for key, stage in (("autoencoder_sha256", "autoencoder"), ("text_encoder_sha256", "clip")):
-            if cond[key] != st[stage]["sha256"]:
-                raise ValueError(f"the denoiser in {root} was trained with another {stage} (hash {cond[key]}, "
-                                 f"pipeline has {st[stage]['sha256']}); retrain the denoiser on this {stage}")
-        clf = load_classifier(root / st["classifier"]["path"])[0] if "classifier" in st else None
-        fast = _load_bound(root, st, "fast-decoder", load_fast_decoder, "autoencoder_sha256", "autoencoder",
-                           "the fast decoder", "retrain it with `ldmkit train fast-decoder`")
-        distilled = _load_bound(root, st, "distilled", load_distilled, "teacher_sha256", "denoiser",
-                                "the distilled denoiser", "distill again with `ldmkit train distill`")
-        onestep = _load_bound(root, st, "onestep", load_distilled, "teacher_sha256", "distilled",
-                              "the one-step student", "distill it again with `ldmkit train distill --set "
-                              "one_step_from=N`")
-        return cls(root, spec, ae, text, backbone, objective, clf, text_tokens=dcfg.get("text_tokens", True),
-                   fast_decoder=None if fast is None else fast[0], distilled=distilled,
-                   onestep=onestep)
+        parts = load_pipeline_stages(root)
+        return cls(root, **parts)
 
     # ------------------------------------------------------------------ latents <-> images
     @torch.no_grad()

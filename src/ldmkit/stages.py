@@ -173,3 +173,44 @@ def check_hashes(root: Path, spec: dict) -> None:
             raise ValueError(f"{root / entry['path']}: weights hash {got} differs from {entry['sha256']} in "
                              f"{root / 'pipeline.json'}; the {name} stage was swapped or retrained. Rebuild the "
                              "pipeline with `ldmkit train pipeline` (or restore the original stage)")
+
+
+def _load_bound(root: Path, st: dict, name: str, loader, key: str, parent: str, what: str, fix: str):
+    """(module, config) of the optional stage `name`, whose config records in `key` the weight hash of the stage
+    `parent` it was made from; None when pipeline.json does not name it."""
+    if name not in st:
+        return None
+    loaded = loader(root / st[name]["path"])
+    want = st[parent]["sha256"] if parent in st else None
+    if loaded[1][key] != want:
+        raise ValueError(f"{what} in {root} was trained for another {parent} (hash {loaded[1][key]}, pipeline has "
+                         f"{want}); {fix}")
+    return loaded
+
+
+def load_pipeline_stages(root: Path) -> dict:
+    """Every stage a pipeline directory names, checked (format, hashes, which stage was trained on which), as
+    `Pipeline`'s keyword arguments."""
+    spec = read_json(root / "pipeline.json")
+    check_spec(root, spec)
+    check_hashes(root, spec)
+    st = spec["stages"]
+    ae, _, _ = load_autoencoder(root / st["autoencoder"]["path"])
+    text, _ = load_text_encoder(root / st["clip"]["path"])
+    backbone, objective, dcfg = load_denoiser(root / st["denoiser"]["path"])
+    cond = dcfg["conditioning"]
+    for key, stage in (("autoencoder_sha256", "autoencoder"), ("text_encoder_sha256", "clip")):
+        if cond[key] != st[stage]["sha256"]:
+            raise ValueError(f"the denoiser in {root} was trained with another {stage} (hash {cond[key]}, "
+                             f"pipeline has {st[stage]['sha256']}); retrain the denoiser on this {stage}")
+    clf = load_classifier(root / st["classifier"]["path"])[0] if "classifier" in st else None
+    fast = _load_bound(root, st, "fast-decoder", load_fast_decoder, "autoencoder_sha256", "autoencoder",
+                       "the fast decoder", "retrain it with `ldmkit train fast-decoder`")
+    distilled = _load_bound(root, st, "distilled", load_distilled, "teacher_sha256", "denoiser",
+                            "the distilled denoiser", "distill again with `ldmkit train distill`")
+    onestep = _load_bound(root, st, "onestep", load_distilled, "teacher_sha256", "distilled",
+                          "the one-step student", "distill it again with `ldmkit train distill --set "
+                          "one_step_from=N`")
+    return dict(spec=spec, autoencoder=ae, text_encoder=text, backbone=backbone, objective=objective, classifier=clf,
+                text_tokens=dcfg.get("text_tokens", True), fast_decoder=None if fast is None else fast[0],
+                distilled=distilled, onestep=onestep)
