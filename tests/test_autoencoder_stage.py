@@ -197,7 +197,7 @@ def test_posterior_cache_is_reused_only_for_the_same_weights(tmp_path, monkeypat
     from ldmkit.autoencoder import PRESETS as AE_PRESETS
     from ldmkit.autoencoder import AutoencoderKL
     from ldmkit.data import load_dataset
-    from ldmkit.train import latents
+    from ldmkit.train import latent_cache as latents
     ds = load_dataset("shapes", split="train", num=12)
     ae = AutoencoderKL(dataclasses.replace(AE_PRESETS["tiny"], in_channels=3, out_channels=3)).eval()
     first = latents.posterior_cache(tmp_path, ae, "hash-a", ds, "shapes", "train", progress=False)
