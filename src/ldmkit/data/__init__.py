@@ -2,7 +2,7 @@
 
     ds = load_dataset("fashion-mnist", split="train")      # 60000 x 1 x 32 x 32 uint8, labels {"class"}
     ds = load_dataset("shapes", split="test", num=500)     # 500 x 3 x 32 x 32, labels shape/color/size/...
-    ds = load_dataset("folder:/data/cats", image_size=64)  # x.png + x.txt, or captions.jsonl
+    ds = load_dataset("folder:/data/cats", image_size=64)  # x.png + x.txt, *.jsonl, or class folders
     x = ds.to_float(ds.images[:64])                         # float in [-1, 1]
     prompts = [ds.caption(i, rng) for i in range(64)]       # random training wording per draw
 
@@ -42,7 +42,7 @@ SPEC_FORMS = ["fashion-mnist", "shapes", "folder:PATH"]
 # keyword options each dataset accepts (besides split / data_dir / image_size)
 _OPTIONS = {"fashion-mnist": {"num"},
             "shapes": {"num", "seed", "heldout", "heldout_fraction", "heldout_seed"},
-            "folder": {"channels", "skip_bad", "background"}}
+            "folder": {"channels", "skip_bad", "background", "template", "holdout_seed"}}
 
 
 def _freeze(value):
@@ -69,7 +69,8 @@ def load_dataset(spec: str, split: str = "train", data_dir: str | os.PathLike | 
 
     data_dir: folder with the Fashion-MNIST idx files (fashion-mnist only; default DEFAULT_FASHION_DIR).
     kw: fashion-mnist: num (first num images); shapes: num, seed, heldout, heldout_fraction, heldout_seed
-    (see ldmkit.data.shapes); folder: channels (3 or 1), skip_bad, background ("black" | "white").
+    (see ldmkit.data.shapes); folder: channels (3, 1 or "auto"), skip_bad, background ("black" | "white"),
+    template (class subfolders' prompt, "a photo of a {}"), holdout_seed (see ldmkit.data.folder).
     """
     kind = _kind(spec)
     unknown = set(kw) - _OPTIONS[kind]
