@@ -134,7 +134,7 @@ def find_pipeline(name: str) -> Path:
 
 
 PIPELINE_FORMAT = "ldmkit-pipeline/1"
-SPEC_KEYS = {"format", "data", "stages", "latent", "image", "defaults", "provenance", "weights_dtype"}
+SPEC_KEYS = {"format", "data", "stages", "latent", "image", "defaults", "provenance", "weights_dtype", "data_options"}
 REQUIRED_STAGES = ("autoencoder", "clip", "denoiser")
 
 

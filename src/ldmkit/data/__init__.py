@@ -33,7 +33,7 @@ from ldmkit.data.shape_captions import shape_caption
 from ldmkit.data.shapes import heldout_pairs, load_shapes
 from ldmkit.images import to_float, to_uint8
 
-__all__ = ["ImageDataset", "load_dataset", "default_spec", "clear_cache", "to_float", "to_uint8",
+__all__ = ["ImageDataset", "load_dataset", "other_split", "default_spec", "clear_cache", "to_float", "to_uint8",
            "FASHION_CLASSES", "TRAIN_TEMPLATES", "HELDOUT_TEMPLATES", "fashion_prompt", "fashion_caption",
            "captions_for_label", "fill_template", "parse_class", "shape_caption", "heldout_pairs",
            "DEFAULT_FASHION_DIR", "fashion_files_present", "SPEC_FORMS"]
@@ -87,7 +87,16 @@ def load_dataset(spec: str, split: str = "train", data_dir: str | os.PathLike | 
         stamp = folder_fingerprint(spec[len("folder:"):], split)
     else:
         stamp = str(Path(data_dir).resolve()) if data_dir is not None else None
-    return _load_cached(spec, split, stamp, image_size, frozen, data_dir)
+    ds = _load_cached(spec, split, stamp, image_size, frozen, data_dir)
+    ds.meta["source"] = {"spec": spec, "image_size": image_size, **({"data_dir": str(data_dir)} if data_dir else {}),
+                         **kw}  # how to load it again: other_split(ds, split)
+    return ds
+
+
+def other_split(ds: ImageDataset, split: str) -> ImageDataset:
+    """The dataset `ds` came from, another split, loaded the same way (size, options, data_dir)."""
+    src = dict(ds.meta["source"])
+    return load_dataset(src.pop("spec"), split=split, **src)
 
 
 @functools.lru_cache(maxsize=8)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ldmkit.data import load_dataset
+from ldmkit.data import other_split
 from ldmkit.diffusion.objectives import Objective, draw_training_noise, logit_normal_time
 from ldmkit.diffusion.schedules import FlowSchedule
 from ldmkit.guidance.classifier import PRESETS as CLF_PRESETS
@@ -98,15 +98,15 @@ def train(cfg: ClassifierStage, out, spec: str, ds, ae_dir: str, resume: bool = 
         if run.should(tc.ckpt_every, step):
             run.save(step + 1, {"model": model, "ema": ema}, {"opt": opt}, ema.state_dict())
         step += 1
-    acc = noisy_accuracy(ema, cfg, ae, ae_dir, ae_hash, spec, progress)
+    acc = noisy_accuracy(ema, cfg, ae, ae_dir, ae_hash, spec, ds, progress)
     return run.finish(ema.state_dict(), {"final_loss": loss.item(), **acc}, step)
 
 
 @torch.no_grad()
-def noisy_accuracy(model, cfg: ClassifierStage, ae, ae_dir, ae_hash, spec, progress, n: int = 2000) -> dict:
+def noisy_accuracy(model, cfg: ClassifierStage, ae, ae_dir, ae_hash, spec, ds, progress, n: int = 2000) -> dict:
     """Test accuracy on clean latents and at a few noise levels (sigma), for the summary."""
     try:
-        test = load_dataset(spec, split="test")
+        test = other_split(ds, "test")
     except (ValueError, FileNotFoundError):
         return {}
     _, scale, shift = load_autoencoder(ae_dir)

@@ -131,6 +131,11 @@ PRESETS = {
         center_init=1024,  # both towers start centred on 1,024 examples: one word moves a caption's embedding
         lock_text_steps=750),  # the text tower stays at its start for the first half (LiT-style)
 }
+# Image folders: the shapes preset without its label-driven negatives (a folder has captions only); at 64 pixels the
+# ViT reads 16x16 patches, so it sees the 16 tokens (and costs the time) of the 32-pixel preset
+PRESETS["folder"] = dataclasses.replace(PRESETS["shapes"], hard_negatives=0.0, exhaustive_negatives=())
+PRESETS["folder-64"] = dataclasses.replace(PRESETS["folder"], model=dataclasses.replace(
+    PRESETS["folder"].model, vision=dataclasses.replace(PRESETS["folder"].model.vision, patch_size=16)))
 
 
 def fit_to_data(cfg: CLIPStage, ds) -> CLIPStage:

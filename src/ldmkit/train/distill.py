@@ -88,6 +88,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def training_data(pipe: Pipeline, data_dir: str | None):
+    """(spec, train split) of the data the pipeline was trained on, loaded as it was (size, folder options)."""
+    spec = pipe.spec["data"]
+    kw = dict(pipe.spec.get("data_options", {}))
+    if spec == "fashion-mnist":
+        kw["data_dir"] = data_dir
+    return spec, load_dataset(spec, split="train", **kw)
+
+
 def student_of(teacher: torch.nn.Module, run):
     """A trainable copy of the teacher, its EMA and optimizer, restored when resuming: (model, ema, net, opt, start)."""
     model = copy.deepcopy(teacher).to(run.device).train().requires_grad_(True)
@@ -132,8 +141,7 @@ def train(cfg: DistillStage, out, pipeline_dir, data_dir: str | None = None, res
     cfg = dataclasses.replace(cfg, guidance=w, guidance_rescale=phi, teacher_sha256=st["denoiser"]["sha256"],
                               denoiser=from_dict(LDMConfig, teacher_cfg))
     tc, c = cfg.train, cfg.denoiser.conditioning
-    spec = pipe.spec["data"]
-    ds = load_dataset(spec, split="train", **({"data_dir": data_dir} if spec == "fashion-mnist" else {}))
+    spec, ds = training_data(pipe, data_dir)
     run = common.start_run(out, cfg, tc, "distill", data=spec, resume=resume, progress=progress)
     cache = posterior_cache(root / st["autoencoder"]["path"], pipe.autoencoder, st["autoencoder"]["sha256"], ds,
                             spec, "train", fallback_dir=out, progress=progress)
@@ -181,8 +189,7 @@ def train_one_step(cfg: DistillStage, out, pipeline_dir, data_dir: str | None = 
     cfg = dataclasses.replace(cfg, guidance=float(tcfg["guidance"]), guidance_rescale=float(tcfg["guidance_rescale"]),
                               teacher_sha256=st["distilled"]["sha256"], denoiser=from_dict(LDMConfig, tcfg["denoiser"]))
     tc, shape = cfg.train, tuple(pipe.latent_shape)
-    spec = pipe.spec["data"]
-    ds = load_dataset(spec, split="train", **({"data_dir": data_dir} if spec == "fashion-mnist" else {}))
+    spec, ds = training_data(pipe, data_dir)
     run = common.start_run(out, cfg, tc, "distill", data=spec, resume=resume, progress=progress)
     teacher = teacher.to(run.device)
     model, ema, net, opt, start = student_of(teacher, run)

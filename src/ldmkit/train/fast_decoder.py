@@ -22,7 +22,7 @@ from ldmkit.autoencoder.fast_decoder import FastDecoder, FastDecoderConfig, conf
 from ldmkit.autoencoder.featnet import load_featnet
 from ldmkit.autoencoder.loss import nll_loss, pixel_loss
 from ldmkit.autoencoder.lpips import LPIPS
-from ldmkit.eval.autoencoder_eval import load_test_split
+from ldmkit.data import other_split
 from ldmkit.eval.metrics import psnr
 from ldmkit.stages import load_autoencoder, weights_hash
 from ldmkit.train import common
@@ -114,7 +114,7 @@ def train(cfg: FastDecoderStage, out, spec: str, ds, ae_dir: str, resume: bool =
 def compare_decoders(ae, fast: FastDecoder, cfg: FastDecoderStage, spec: str, ds) -> dict:
     """Test PSNR on the native crop of both decoders from the posterior mode, and their decoding times."""
     try:
-        test = load_test_split(spec, ds.meta.get("data_dir") if spec == "fashion-mnist" else None)
+        test = other_split(ds, "test")
     except (ValueError, FileNotFoundError):  # e.g. an image folder without a test split
         return {}
     m = len(test) if cfg.eval_images <= 0 else min(cfg.eval_images, len(test))

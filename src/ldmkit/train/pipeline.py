@@ -1,5 +1,8 @@
 """`ldmkit train pipeline --preset fashion-mnist --out DIR`: every stage of a text-to-image pipeline, in order.
 
+Own images: `ldmkit train pipeline --data folder:PATH --image-size 64 --out DIR` picks the folder preset of that
+resolution (32 or 64 on CPUs) and trains the same way; see `ldmkit.data.folder` for the layouts it reads.
+
 Order: evaluation classifier (Fashion-MNIST only, frozen before any generator), autoencoder, CLIP, denoiser,
 noise-aware classifier, fast decoder; then `pipeline.json` with each stage's weight hash, the latent scale factor and
 the sampling defaults. A stage that already finished (its metrics.json exists) is kept; one that was interrupted
@@ -10,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ldmkit.checkpoint import provenance, write_json
@@ -29,7 +32,7 @@ class StagePlan:
 
 @dataclass(frozen=True)
 class PipelinePreset:
-    data: str                                  # dataset spec
+    data: str                                  # dataset spec ("folder": the --data folder:PATH given)
     autoencoder: StagePlan
     clip: StagePlan
     denoiser: StagePlan
@@ -42,6 +45,7 @@ class PipelinePreset:
     guidance_rescale: float = 0.0              # default guidance rescale phi (applied at scales above 1)
     sampler: str = "dpmpp-2m"                  # default sampler
     steps: int = 20                            # default sampling steps
+    image_size: int = 32                       # training resolution (image folders are resized and cropped to it)
 
 
 PRESETS = {
@@ -61,7 +65,16 @@ PRESETS = {
         guidance_rescale=0.7),  # rescale keeps accuracy within half a point and buys recall (docs/benchmarks.md)
     "shapes": PipelinePreset(data="shapes", autoencoder=StagePlan("shapes", minutes=12),
                              clip=StagePlan("shapes", minutes=11), denoiser=StagePlan("shapes", minutes=20)),
+    # image folders, by resolution: 16x16x8 latents at 32 and at 64 pixels; a noise-aware classifier when the
+    # folder has class subfolders
+    "folder-32": PipelinePreset(data="folder", autoencoder=StagePlan("folder", minutes=12),
+                                clip=StagePlan("folder", minutes=11), denoiser=StagePlan("shapes", minutes=20),
+                                classifier=StagePlan("fashion-mnist", minutes=6)),
+    "folder-64": PipelinePreset(data="folder", autoencoder=StagePlan("folder-64"),
+                                clip=StagePlan("folder-64"), denoiser=StagePlan("shapes", minutes=20),
+                                classifier=StagePlan("fashion-mnist", minutes=6), image_size=64),
 }
+FOLDER_PRESETS = {32: "folder-32", 64: "folder-64"}  # --preset auto with --data folder:PATH, by --image-size
 
 
 STAGES = ("autoencoder", "clip", "denoiser", "classifier", "eval-classifier", "fast-decoder", "distilled",
@@ -84,9 +97,12 @@ def _run_stage(name: str, out: Path, fn, minutes: float = 0.0) -> None:
 
 
 def train_pipeline(pp: PipelinePreset, out: str | Path, data_dir: str | None = None, progress: bool = True,
-                   overrides: dict[str, list[str]] | None = None) -> dict:
+                   overrides: dict[str, list[str]] | None = None, data_kw: dict | None = None) -> dict:
+    """Train every stage of `pp` into `out` (finished stages kept, interrupted ones resumed). `data_kw`: options
+    of an image folder (skip_bad, template, channels)."""
     out, ov = Path(out), overrides or {}
-    ds = load_dataset(pp.data, split="train", **({"data_dir": data_dir} if pp.data == "fashion-mnist" else {}))
+    kw = {"data_dir": data_dir} if pp.data == "fashion-mnist" else dict(data_kw or {})
+    ds = load_dataset(pp.data, split="train", image_size=pp.image_size, **kw)
     ae, text, kw = str(out / "autoencoder"), str(out / "clip"), {"progress": progress}
     stages = [  # (name, plan, stage module, how it trains: (config, stage dir, resume) -> metrics), in order
         ("eval-classifier", pp.eval_classifier, eval_classifier,
@@ -128,6 +144,7 @@ def write_pipeline_json(out: Path, pp: PipelinePreset, ds) -> dict:
         "stages": stages,
         "latent": {"scale_factor": scale, "shift_factor": shift, "shape": dcfg["conditioning"]["latent_shape"]},
         "image": {"size": list(ds.image_size), "crop": list(ds.crop_box), "channels": ds.channels},
+        "data_options": {k: v for k, v in ds.meta["source"].items() if k not in ("spec", "data_dir")},
         "defaults": {"guidance": pp.guidance, "guidance_rescale": pp.guidance_rescale, "sampler": pp.sampler,
                      "steps": pp.steps},
         "provenance": provenance(data=pp.data),
@@ -138,7 +155,12 @@ def write_pipeline_json(out: Path, pp: PipelinePreset, ds) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(allow_abbrev=False, prog="ldmkit train pipeline", description=__doc__.splitlines()[0])
-    p.add_argument("--preset", default="fashion-mnist", choices=sorted(PRESETS))
+    p.add_argument("--preset", default="auto", choices=["auto", *sorted(PRESETS)],
+                   help="auto: fashion-mnist, or the folder preset of --image-size with --data folder:PATH")
+    p.add_argument("--data", default=None, help="folder:PATH of your own images (default: the preset's dataset)")
+    p.add_argument("--image-size", type=int, default=None, help="training resolution of --data folder:PATH (32, 64)")
+    p.add_argument("--template", default=None, help='prompt of class subfolders (default "a photo of a {}")')
+    p.add_argument("--skip-bad", action="store_true", help="folder data: warn and skip unreadable files")
     p.add_argument("--out", required=True, help="pipeline directory")
     p.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST idx files")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE:KEY=VALUE",
@@ -151,6 +173,34 @@ def main(argv: list[str] | None = None) -> int:
         if not kv or stage not in STAGES:
             p.error(f"--set {item!r} must be STAGE:KEY=VALUE with STAGE one of {', '.join(STAGES)}")
         ov.setdefault(stage, []).append(kv)
-    spec = train_pipeline(PRESETS[args.preset], args.out, args.data_dir, not args.no_progress, ov)
+    pp, data_kw = plan_for(args)
+    spec = train_pipeline(pp, args.out, args.data_dir, not args.no_progress, ov, data_kw)
     print(f"pipeline written to {args.out} (stages: {', '.join(spec['stages'])})", file=sys.stderr)
     return 0
+
+
+def plan_for(args) -> tuple[PipelinePreset, dict]:
+    """The pipeline preset and folder options that --preset, --data, --image-size and --template ask for."""
+    folder = args.data is not None and args.data.startswith("folder:")
+    if args.data is not None and not folder and args.data not in ("fashion-mnist", "shapes"):
+        raise ValueError(f"--data {args.data!r}: use folder:PATH for your own images (or fashion-mnist, shapes)")
+    name = args.preset
+    if name == "auto":
+        size = args.image_size or 32
+        if folder and size not in FOLDER_PRESETS:
+            raise ValueError(f"--image-size {size}: the folder presets are {sorted(FOLDER_PRESETS)} pixels on CPUs; "
+                             "pick one of them, or pass --preset tiny for a quick check at any size")
+        name = FOLDER_PRESETS[size] if folder else (args.data or "fashion-mnist")
+    pp = PRESETS[name]
+    if pp.data == "folder" and not folder:
+        raise ValueError(f"--preset {name} trains on your images: pass --data folder:PATH")
+    if folder:
+        pp = replace(pp, data=args.data, image_size=args.image_size or pp.image_size)
+    elif args.image_size is not None and args.image_size != pp.image_size:
+        raise ValueError(f"--image-size applies to --data folder:PATH; {pp.data} trains at {pp.image_size} pixels")
+    data_kw = {"skip_bad": True} if args.skip_bad else {}
+    if args.template is not None:
+        data_kw["template"] = args.template
+    if (args.skip_bad or args.template) and not folder:
+        raise ValueError("--skip-bad and --template apply to --data folder:PATH only")
+    return pp, data_kw
