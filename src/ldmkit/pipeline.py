@@ -300,7 +300,7 @@ class Pipeline:
         """The class each prompt names (for classifier guidance), or `class_label` for every prompt."""
         if class_label is not None:
             return [int(class_label)] * len(prompts)
-        labels = [parse_class(p) for p in prompts]
+        labels = [parse_class(p, self.spec.get("classes")) for p in prompts]
         bad = [p for p, y in zip(prompts, labels) if y is None]
         if bad:
             raise ValueError(f"classifier guidance needs a class: prompt {bad[0]!r} names none (or several); "

@@ -77,8 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def labels_for(prompts: list[str]) -> np.ndarray:
-    return np.array([(-1 if (y := parse_class(p)) is None else y) for p in prompts], dtype=np.int64)
+def labels_for(prompts: list[str], names: list[str] | None = None) -> np.ndarray:
+    """The class each prompt names (-1: none); `names`: the pipeline's class names (None: Fashion-MNIST's)."""
+    return np.array([(-1 if (y := parse_class(p, names)) is None else y) for p in prompts], dtype=np.int64)
 
 
 def save_samples(path: str | Path, images: np.ndarray, prompts: list[str], labels: np.ndarray | None = None,
@@ -147,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
                   seed=args.seed, batch_size=args.batch_size, micro_batch=args.micro_batch, precision=args.precision,
                   decoder=args.decoder, distilled=distilled, progress=not args.no_progress)
     rows = [p for p in args.prompt for _ in range(args.num)]
-    labels = labels_for(rows)
+    labels = labels_for(rows, pipe.spec.get("classes"))
     if args.class_label is not None:  # the class the images were guided toward
         labels[:] = args.class_label
     save_samples(args.out, images, rows, labels, guidance=g.scale, sampler=sampler, steps=int(steps),

@@ -134,7 +134,8 @@ def find_pipeline(name: str) -> Path:
 
 
 PIPELINE_FORMAT = "ldmkit-pipeline/1"
-SPEC_KEYS = {"format", "data", "stages", "latent", "image", "defaults", "provenance", "weights_dtype", "data_options"}
+SPEC_KEYS = {"format", "data", "stages", "latent", "image", "defaults", "provenance", "weights_dtype", "data_options",
+             "classes"}
 REQUIRED_STAGES = ("autoencoder", "clip", "denoiser")
 
 

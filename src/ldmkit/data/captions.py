@@ -104,13 +104,18 @@ _CLASS_RE = re.compile("|".join(f"(?P<c{i}>{_plural(w)})" for i, (w, _) in enume
 _GROUP_CLASS = {f"c{i}": c for i, (_, c) in enumerate(_ALTERNATIVES)}
 
 
-def parse_class(prompt: str) -> int | None:
-    """The Fashion-MNIST class index a prompt names, or None if it names no class or more than one.
+def parse_class(prompt: str, names: list[str] | None = None) -> int | None:
+    """The class index a prompt names, or None if it names no class or more than one. `names`: an image folder's
+    class subfolders (whole words, case-insensitive, underscores read as spaces); None: Fashion-MNIST's classes.
 
     Matching is case-insensitive on whole words, accepts plurals and a few synonyms ("pants", "sweater",
     "tee", "boots"), and reads "t-shirt" as class 0, never as "shirt" (class 6).
     """
     text = prompt.lower()
+    if names is not None:
+        hits = {k for k, n in enumerate(names)
+                if re.search(r"(?<![\w-])" + re.escape(n.replace("_", " ").lower()) + r"(?![\w-])", text)}
+        return hits.pop() if len(hits) == 1 else None
     found = set()
     for m in _CLASS_RE.finditer(text):
         before = text[m.start() - 1] if m.start() > 0 else " "

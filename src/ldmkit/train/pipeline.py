@@ -145,6 +145,7 @@ def write_pipeline_json(out: Path, pp: PipelinePreset, ds) -> dict:
         "latent": {"scale_factor": scale, "shift_factor": shift, "shape": dcfg["conditioning"]["latent_shape"]},
         "image": {"size": list(ds.image_size), "crop": list(ds.crop_box), "channels": ds.channels},
         "data_options": {k: v for k, v in ds.meta["source"].items() if k not in ("spec", "data_dir")},
+        **({"classes": ds.label_names["class"]} if pp.data.startswith("folder:") and "class" in ds.labels else {}),
         "defaults": {"guidance": pp.guidance, "guidance_rescale": pp.guidance_rescale, "sampler": pp.sampler,
                      "steps": pp.steps},
         "provenance": provenance(data=pp.data),

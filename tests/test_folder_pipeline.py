@@ -1,0 +1,66 @@
+"""Own images end to end through the CLI: a 64x64 RGB folder of class subfolders becomes a pipeline that samples,
+and bad folders end in one line naming the problem (never a traceback)."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from ldmkit.cli import main as cli
+
+COLOURS = {"red_disc": (220, 40, 40), "blue_box": (40, 60, 220), "green_bar": (40, 200, 60)}
+
+
+def image_folder(root, per_class: int = 10, size: int = 80):
+    """Class subfolders of slightly different drawings (larger than 64 pixels: resized and centre-cropped)."""
+    rng = np.random.default_rng(0)
+    for k, (name, rgb) in enumerate(COLOURS.items()):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            im = Image.new("RGB", (size, size + 10), tuple(int(v) for v in rng.integers(0, 60, 3)))
+            x, y = (int(v) for v in rng.integers(10, 40, 2))
+            box = [x, y, x + 30, y + (30 if k < 2 else 10)]
+            (ImageDraw.Draw(im).ellipse if k == 0 else ImageDraw.Draw(im).rectangle)(box, fill=rgb)
+            im.save(root / name / f"{i:03d}.png")
+
+
+@pytest.mark.slow
+def test_class_folder_at_64_pixels_trains_and_samples(tmp_path, capsys):
+    image_folder(tmp_path / "imgs")
+    out = tmp_path / "pipe"
+    assert cli(["train", "pipeline", "--preset", "tiny", "--data", f"folder:{tmp_path / 'imgs'}", "--image-size",
+                "64", "--out", str(out), "--no-progress"]) == 0
+    spec = json.loads((out / "pipeline.json").read_text())
+    assert spec["image"]["size"] == [64, 64] and spec["image"]["channels"] == 3
+    assert spec["data_options"]["image_size"] == 64 and "classifier" in spec["stages"]  # class labels: classifier
+    assert spec["classes"] == ["blue_box", "green_bar", "red_disc"]
+    cfg = json.loads((out / "clip" / "config.json").read_text())
+    assert cfg["model"]["vision"]["image_size"] == 64
+    assert cli(["sample", str(out), "--prompt", "a photo of a red disc", "--num", "3", "--steps", "2",
+                "--out", str(tmp_path / "s.npz")]) == 0
+    with np.load(tmp_path / "s.npz", allow_pickle=False) as f:
+        assert f["images"].shape == (3, 64, 64, 3) and f["images"].dtype == np.uint8
+        assert f["labels"].tolist() == [2, 2, 2]  # classes sorted: blue_box, green_bar, red_disc
+
+
+@pytest.mark.parametrize("case", ["empty", "missing-caption", "too-small-for-test", "bad-size"])
+def test_bad_folders_end_in_one_line(tmp_path, capsys, case):
+    d = tmp_path / "imgs"
+    d.mkdir()
+    args = ["train", "pipeline", "--data", f"folder:{d}", "--out", str(tmp_path / "p"), "--no-progress"]
+    if case == "missing-caption":
+        Image.new("RGB", (40, 40)).save(d / "lonely.png")
+    if case == "too-small-for-test":  # five images train, but cannot spare a test split
+        for i in range(5):
+            Image.new("RGB", (40, 40)).save(d / f"{i}.png")
+            (d / f"{i}.txt").write_text("a caption")
+        args = ["data", "preview", f"folder:{d}", "--split", "test", "--out", str(tmp_path / "p.png")]
+    if case == "bad-size":
+        args += ["--image-size", "48"]
+    assert cli(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    want = {"empty": "no usable captioned images", "missing-caption": "lonely.png",
+            "too-small-for-test": "too few to hold out a test split", "bad-size": "--image-size 48"}[case]
+    assert want in err[0]
