@@ -10,7 +10,8 @@ each guidance variant at the preset scale (on plain CFG, beside plain CFG and re
 inpainting checks on real test images; and images per second at 20 steps with CFG. Every figure sits beside the
 real-image floor and the evaluation classifier's weight hash, with the machine's load average.
 
-Shapes (the pipeline's data is "shapes"): 1,000 canonical captions of scenes whose shape-colour pair was seen in
+Shapes (the pipeline's data is "shapes", or `--judge` is given: shapes exported with `ldmkit data export` and
+trained as an image folder, at any resolution; samples are averaged down to the judge's 32 pixels): 1,000 canonical captions of scenes whose shape-colour pair was seen in
 training and 1,000 of held-out pairs, sampled at the preset's guidance; the shapes judge (`ldmkit train
 shapes-judge`, trained on generated scenes only) reads shape, colour and position of every sample, and of the
 pipeline autoencoder's reconstructions of the same scenes (the ceiling the latent space sets).
@@ -120,6 +121,16 @@ def edit_checks(pipe: Pipeline, scorer: Scorer, n: int = 200) -> dict:
     }
 
 
+def to_judge_size(images: np.ndarray, size: int = 32) -> np.ndarray:
+    """uint8 (N, H, W, 3) -> (N, 32, 32, 3) by averaging k x k blocks (the judge reads 32-pixel scenes)."""
+    k = images.shape[1] // size
+    if k <= 1:
+        return images
+    n, h, w, c = images.shape
+    blocks = images.reshape(n, h // k, k, w // k, k, c).astype(np.float64).mean((2, 4))
+    return np.round(blocks).clip(0, 255).astype(np.uint8)
+
+
 def shapes_bench(pipe: Pipeline, judge_dir: str, n: int) -> dict:
     """Judge n samples of seen pairs and n of held-out pairs, prompted by their scenes' canonical captions."""
     from ldmkit.data.shapes import load_shapes
@@ -136,7 +147,7 @@ def shapes_bench(pipe: Pipeline, judge_dir: str, n: int) -> dict:
         images = pipe.generate(prompts, guidance=pipe.guidance(), steps=20, progress=False, micro_batch=MICRO)
         secs = time.perf_counter() - t
         labels = {a: ds.labels[a].numpy() for a in ATTRIBUTES}
-        acc = judge_accuracy(models, images, labels, np.full(len(ds), split == "train"))
+        acc = judge_accuracy(models, to_judge_size(images), labels, np.full(len(ds), split == "train"))
         key = "seen_pairs" if split == "train" else "heldout_pairs"
         out[key] = {a: round(v["all"], 4) for a, v in acc.items()}
         out[key].update(n=len(ds), seconds=round(secs, 1), img_per_s=round(len(ds) / secs, 2),
@@ -144,9 +155,10 @@ def shapes_bench(pipe: Pipeline, judge_dir: str, n: int) -> dict:
         print(f"{key}: {json.dumps(out[key])}", file=sys.stderr, flush=True)
         # the ceiling the latent space sets: the judge reading the pipeline autoencoder's reconstructions of the
         # same scenes (posterior mode); samples rarely read better than reconstructions
-        real = ds.images.permute(0, 2, 3, 1).numpy()
+        size = pipe.spec["image"]["size"][0]
+        real = load_shapes(split, num=n, seed=4242, image_size=size).images.permute(0, 2, 3, 1).numpy()
         recon = pipe.decode(pipe.encode_images(real))
-        racc = judge_accuracy(models, recon, labels, np.full(len(ds), split == "train"))
+        racc = judge_accuracy(models, to_judge_size(recon), labels, np.full(len(ds), split == "train"))
         out[key + "_autoencoder_reconstructions"] = {a: round(v["all"], 4) for a, v in racc.items()}
         print(f"{key} reconstructions: {json.dumps(out[key + '_autoencoder_reconstructions'])}", file=sys.stderr,
               flush=True)
@@ -167,7 +179,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     root = Path(args.pipeline)
     pipe = Pipeline.load(root)
-    if pipe.spec["data"] == "shapes":
+    if pipe.spec["data"] == "shapes" or args.judge is not None:  # also shapes exported as a folder
         if args.judge is None:
             p.error("a shapes pipeline is scored by the shapes judge: pass --judge DIR "
                     "(train one with `ldmkit train shapes-judge --out DIR`)")

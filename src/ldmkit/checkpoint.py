@@ -211,7 +211,7 @@ def check_run_dir(path: Path, config: dict, resume: bool) -> None:
         if not state.exists():
             raise FileNotFoundError(f"--resume given but {state} does not exist; drop --resume to start fresh")
         saved = read_json(path / "config.json")
-        diff = [k for k in config if k != "data" and saved.get(k) != config[k]]
+        diff = [k for k in config if k not in ("data", "data_options") and saved.get(k) != config[k]]
         if diff:
             raise ValueError(f"--resume: the config differs from {path / 'config.json'} in {diff}; "
                              "resume with the same preset and --set overrides, or use --init-from")

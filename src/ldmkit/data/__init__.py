@@ -33,7 +33,8 @@ from ldmkit.data.shape_captions import shape_caption
 from ldmkit.data.shapes import heldout_pairs, load_shapes
 from ldmkit.images import to_float, to_uint8
 
-__all__ = ["ImageDataset", "load_dataset", "other_split", "default_spec", "clear_cache", "to_float", "to_uint8",
+__all__ = ["ImageDataset", "load_dataset", "load_split", "other_split", "data_options",
+           "default_spec", "clear_cache", "to_float", "to_uint8",
            "FASHION_CLASSES", "TRAIN_TEMPLATES", "HELDOUT_TEMPLATES", "fashion_prompt", "fashion_caption",
            "captions_for_label", "fill_template", "parse_class", "shape_caption", "heldout_pairs",
            "DEFAULT_FASHION_DIR", "fashion_files_present", "SPEC_FORMS"]
@@ -91,6 +92,21 @@ def load_dataset(spec: str, split: str = "train", data_dir: str | os.PathLike | 
     ds.meta["source"] = {"spec": spec, "image_size": image_size, **({"data_dir": str(data_dir)} if data_dir else {}),
                          **kw}  # how to load it again: other_split(ds, split)
     return ds
+
+
+def data_options(ds: ImageDataset) -> dict:
+    """How `ds` was loaded besides its spec and data_dir (image_size, folder options): what a stage records."""
+    return {k: v for k, v in ds.meta.get("source", {}).items() if k not in ("spec", "data_dir")}
+
+
+def load_split(spec: str, split: str, options: dict | None = None, data_dir: str | None = None) -> ImageDataset:
+    """A split of the dataset a stage recorded (`spec` and `data_options` of its config.json)."""
+    kw = dict(options or {})
+    if spec == "fashion-mnist":
+        kw["data_dir"] = data_dir
+    elif data_dir is not None:
+        raise ValueError(f"--data-dir {data_dir} only applies to fashion-mnist, not {spec}")
+    return load_dataset(spec, split=split, **kw)
 
 
 def other_split(ds: ImageDataset, split: str) -> ImageDataset:

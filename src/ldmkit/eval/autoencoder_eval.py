@@ -37,7 +37,7 @@ import torch
 from ldmkit.autoencoder.featnet import load_featnet
 from ldmkit.autoencoder.lpips import LPIPS, lpips_vgg16
 from ldmkit.checkpoint import file_hash, read_json, write_json
-from ldmkit.data import load_dataset, to_float, to_uint8
+from ldmkit.data import load_split, to_float, to_uint8
 from ldmkit.eval.classifier import accuracy
 from ldmkit.eval.metrics import psnr, ssim
 from ldmkit.eval.score import load_eval_classifier
@@ -72,15 +72,6 @@ def stage_lpips(stage_dir: Path, cfg: dict):
                 {"kind": "vgg16", "path": loss["vgg16_path"], "sha256": file_hash(loss["vgg16_path"])})
     return None, {"kind": "none", "reason": f"no lpips_featnet.safetensors in {stage_dir} and no usable "
                                             "loss.featnet_path / loss.vgg16_path in its config"}
-
-
-def load_test_split(spec: str, data_dir: str | None = None):
-    """The test split of the dataset the stage was trained on (Fashion-MNIST: all 10,000 test images)."""
-    if spec == "fashion-mnist":
-        return load_dataset(spec, split="test", data_dir=data_dir)
-    if data_dir is not None:
-        raise ValueError(f"--data-dir {data_dir} only applies to fashion-mnist, not {spec}")
-    return load_dataset(spec, split="test")
 
 
 # ---- reconstruction and statistics ---------------------------------------------------------------------------------
@@ -169,7 +160,7 @@ def evaluate(stage_dir: str | Path, data_dir: str | None = None, batch_size: int
     if not spec:
         raise ValueError(f"{stage_dir / 'config.json'} records no dataset ('data'); cannot pick a test split")
     ae, scale, shift = load_autoencoder(stage_dir)
-    ds = load_test_split(spec, data_dir)
+    ds = load_split(spec, "test", cfg.get("data_options"), data_dir)
     sampled: list = []
     recon, acc = reconstruct(ae, ds.images, batch_size, samples=sampled)
     orig_c, recon_c = ds.crop(ds.images), ds.crop(recon)  # native size, (N, C, h, w) uint8

@@ -35,7 +35,7 @@ import torch
 
 from ldmkit.checkpoint import file_hash, read_json, write_json
 from ldmkit.conditioning import clip_score, zero_shot_classifier
-from ldmkit.data import FASHION_CLASSES, HELDOUT_TEMPLATES, TRAIN_TEMPLATES, fill_template, load_dataset, to_float
+from ldmkit.data import FASHION_CLASSES, HELDOUT_TEMPLATES, TRAIN_TEMPLATES, fill_template, load_split, to_float
 from ldmkit.data.shape_captions import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES, shape_caption
 from ldmkit.stages import load_clip
 
@@ -60,8 +60,8 @@ def load(path: str | Path):
     return load_clip(d), read_json(d / "config.json"), d
 
 
-def test_split(spec: str, split: str = "test", data_dir: str | None = None):
-    return load_dataset(spec, split=split, **({"data_dir": data_dir} if spec == "fashion-mnist" else {}))
+def test_split(spec: str, split: str = "test", data_dir: str | None = None, options: dict | None = None):
+    return load_split(spec, split, options, data_dir)
 
 
 @torch.no_grad()
@@ -135,9 +135,10 @@ def retrieval_by_key(img: torch.Tensor, txt: torch.Tensor, captions: list[str], 
 
 
 # ----------------------------------------------------------------------------- evaluation
-def evaluate(model, spec: str, data_dir: str | None = None, num: int = 1000, batch_size: int = 500) -> dict:
-    """Every figure of the module docstring for the stage's dataset."""
-    test = test_split(spec, "test", data_dir)
+def evaluate(model, spec: str, data_dir: str | None = None, num: int = 1000, batch_size: int = 500,
+             options: dict | None = None) -> dict:
+    """Every figure of the module docstring for the stage's dataset (`options`: its recorded data options)."""
+    test = test_split(spec, "test", data_dir, options)
     n = min(num, len(test))
     feats = image_features(model, test.images, batch_size)  # (N, E)
     out: dict = {"data": spec, "test_images": len(test), "retrieval_images": n}
@@ -194,7 +195,7 @@ def eval_main(argv: list[str] | None = None) -> int:
     if not spec:
         raise ValueError(f"{d / 'config.json'} names no dataset ('data'); cannot choose the evaluation split")
     with torch.inference_mode():
-        result = evaluate(model, spec, args.data_dir, args.num, args.batch_size)
+        result = evaluate(model, spec, args.data_dir, args.num, args.batch_size, cfg.get("data_options"))
     result = {"clip_dir": str(d), "clip_sha256": file_hash(d / "model.safetensors"), **result}
     write_json(d / "eval.json", result)
     print(json.dumps(result, indent=2))

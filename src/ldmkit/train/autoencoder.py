@@ -179,7 +179,7 @@ def train(cfg: AutoencoderStage, out, spec: str, ds, resume: bool = False, init_
           progress: bool = True) -> dict:
     cfg, out = fit_channels(cfg, ds.channels), Path(out)
     tc, lc = cfg.train, cfg.loss
-    run = common.start_run(out, cfg, tc, "autoencoder", data=spec, resume=resume, init_from=init_from,
+    run = common.start_run(out, cfg, tc, "autoencoder", data=spec, dataset=ds, resume=resume, init_from=init_from,
                            progress=progress)
     lpips = perceptual_module(cfg, out, ds, run)
     modules, optimizers = build(cfg, ds.channels, run.device)

@@ -69,7 +69,7 @@ def train(cfg: ClassifierStage, out, spec: str, ds, ae_dir: str, resume: bool = 
                               model=dataclasses.replace(cfg.model, num_classes=classes,
                                                         in_channels=ae.cfg.latent_channels))
     tc = cfg.train
-    run = common.start_run(out, cfg, tc, "classifier", data=spec, resume=resume, init_from=init_from,
+    run = common.start_run(out, cfg, tc, "classifier", data=spec, dataset=ds, resume=resume, init_from=init_from,
                            progress=progress)
     cache = posterior_cache(ae_dir, ae, ae_hash, ds, spec, "train", fallback_dir=out, progress=progress)
     labels = ds.labels[cfg.label]

@@ -273,7 +273,8 @@ def train(cfg: CLIPStage, out, spec: str, ds, resume: bool = False, init_from: s
           progress: bool = True) -> dict:
     cfg = fit_to_data(cfg, ds)
     tc, out = cfg.train, Path(out)
-    run = common.start_run(out, cfg, tc, "clip", data=spec, resume=resume, init_from=init_from, progress=progress)
+    run = common.start_run(out, cfg, tc, "clip", data=spec, dataset=ds, resume=resume, init_from=init_from,
+                           progress=progress)
     tok = prepare_tokenizer(cfg, ds, out, run, resume, init_from)
     model = CLIPModel(cfg.model, tok).to(run.device)
     if cfg.center_init:

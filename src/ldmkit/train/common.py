@@ -34,6 +34,7 @@ from ldmkit.checkpoint import (
     write_json,
 )
 from ldmkit.config import to_dict
+from ldmkit.data import data_options
 from ldmkit.seeding import batch_indices, rng_state, seed_everything, set_rng_state  # noqa: F401 (batch_indices re-exported)
 from ldmkit.train.device import autocast, effective_precision, resolve_device  # noqa: F401 (re-exported)
 from ldmkit.train.distributed import all_reduce_mean, init_distributed, wrap_ddp  # noqa: F401 (re-exported)
@@ -72,7 +73,7 @@ class Run:
 
     def __init__(self, out_dir: str | os.PathLike, cfg: Any, tc: TrainConfig, stage: str,
                  data: str | None = None, resume: bool = False, init_from: str | None = None,
-                 progress: bool = True):
+                 progress: bool = True, dataset=None):
         self.dir, self.cfg, self.tc, self.stage = Path(out_dir), cfg, tc, stage
         self.resume, self.init_from = resume, init_from
         self.rank, self.world = init_distributed()
@@ -92,7 +93,9 @@ class Run:
                        "arithmetic: training in fp32 (emulated bf16 is 10-20x slower)")
         if self.is_main:
             self.dir.mkdir(parents=True, exist_ok=True)
-            write_json(self.dir / "config.json", {"stage": stage, "data": data, **to_dict(cfg)})
+            options = {} if dataset is None else data_options(dataset)  # how to load it again (size, folder)
+            write_json(self.dir / "config.json", {"stage": stage, "data": data, "data_options": options,
+                                                  **to_dict(cfg)})
         self._t0 = time.perf_counter()
         self.stopped_early = False
         self._t_trained = None  # when the step loop ended: train_seconds (wall_seconds adds the final metrics)

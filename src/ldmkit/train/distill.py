@@ -135,14 +135,14 @@ def train(cfg: DistillStage, out, pipeline_dir, data_dir: str | None = None, res
                          f"predicts {pipe.objective.kind!r}")
     st = pipe.spec["stages"]
     teacher_cfg = {k: v for k, v in read_json(root / st["denoiser"]["path"] / "config.json").items()
-                   if k not in ("stage", "data")}
+                   if k not in ("stage", "data", "data_options")}
     w = cfg.guidance or float(pipe.defaults["guidance"])
     phi = cfg.guidance_rescale if cfg.guidance_rescale >= 0 else float(pipe.defaults.get("guidance_rescale", 0.0))
     cfg = dataclasses.replace(cfg, guidance=w, guidance_rescale=phi, teacher_sha256=st["denoiser"]["sha256"],
                               denoiser=from_dict(LDMConfig, teacher_cfg))
     tc, c = cfg.train, cfg.denoiser.conditioning
     spec, ds = training_data(pipe, data_dir)
-    run = common.start_run(out, cfg, tc, "distill", data=spec, resume=resume, progress=progress)
+    run = common.start_run(out, cfg, tc, "distill", data=spec, dataset=ds, resume=resume, progress=progress)
     cache = posterior_cache(root / st["autoencoder"]["path"], pipe.autoencoder, st["autoencoder"]["sha256"], ds,
                             spec, "train", fallback_dir=out, progress=progress)
     teacher = make_denoiser(pipe.backbone.to(run.device), pipe.objective)
@@ -190,7 +190,7 @@ def train_one_step(cfg: DistillStage, out, pipeline_dir, data_dir: str | None = 
                               teacher_sha256=st["distilled"]["sha256"], denoiser=from_dict(LDMConfig, tcfg["denoiser"]))
     tc, shape = cfg.train, tuple(pipe.latent_shape)
     spec, ds = training_data(pipe, data_dir)
-    run = common.start_run(out, cfg, tc, "distill", data=spec, resume=resume, progress=progress)
+    run = common.start_run(out, cfg, tc, "distill", data=spec, dataset=ds, resume=resume, progress=progress)
     teacher = teacher.to(run.device)
     model, ema, net, opt, start = student_of(teacher, run)
     student = make_denoiser(net, pipe.objective)

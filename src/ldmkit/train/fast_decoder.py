@@ -71,7 +71,7 @@ def train(cfg: FastDecoderStage, out, spec: str, ds, ae_dir: str, resume: bool =
           init_from: str | None = None, progress: bool = True) -> dict:
     cfg, ae = bind(cfg, ae_dir)
     tc, out = cfg.train, Path(out)
-    run = common.start_run(out, cfg, tc, "fast-decoder", data=spec, resume=resume, init_from=init_from,
+    run = common.start_run(out, cfg, tc, "fast-decoder", data=spec, dataset=ds, resume=resume, init_from=init_from,
                            progress=progress)
     cache = posterior_cache(ae_dir, ae, cfg.autoencoder_sha256, ds, spec, "train", fallback_dir=out,
                             progress=progress)

@@ -129,7 +129,8 @@ def train(cfg: LDMConfig, out, spec: str, ds, ae_dir: str, text_spec: str, resum
         dit=dataclasses.replace(cfg.dit, in_channels=lc, out_channels=lc,
                                 input_size=ds.image_size[0] // ae.cfg.downsample_factor))
     tc, c = cfg.train, cfg.conditioning
-    run = common.start_run(out, cfg, tc, "ldm", data=spec, resume=resume, init_from=init_from, progress=progress)
+    run = common.start_run(out, cfg, tc, "ldm", data=spec, dataset=ds, resume=resume, init_from=init_from,
+                           progress=progress)
     cache = posterior_cache(ae_dir, ae, c.autoencoder_sha256, ds, spec, "train", fallback_dir=out, progress=progress)
     model = build_backbone(dataclasses.asdict(cfg), c.context_dim, c.pooled_dim).to(run.device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
