@@ -140,6 +140,31 @@ def test_img2img_and_inpaint(tiny_pipeline):
         pipe.inpaint(imgs, mask[:, :8], ["a blue square"] * 4, steps=4, progress=False)
 
 
+def test_cli_edits_match_the_python_api(tiny_pipeline, tmp_path):
+    """`sample --init-image F --strength S` is img2img and `--mask M` inpainting, as the Python API computes them,
+    with the image's file read at the pipeline's size and the unmasked pixels kept exactly."""
+    from PIL import Image
+
+    from ldmkit.data import load_dataset
+    from ldmkit.pipeline import Pipeline
+    pipe = Pipeline.load(tiny_pipeline)
+    img = load_dataset("shapes", split="test", num=1).images[0].permute(1, 2, 0).numpy()  # (32, 32, 3)
+    Image.fromarray(img).save(tmp_path / "in.png")
+    mask = np.zeros((32, 32), np.uint8)
+    mask[:, :16] = 255  # regenerate the left half
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    common = ["--prompt", "a blue square", "--num", "2", "--steps", "4", "--seed", "5",
+              "--init-image", str(tmp_path / "in.png")]
+    edit = sample(tiny_pipeline, tmp_path, "e.npz", *common, "--strength", "0.5")
+    want = pipe.img2img(np.stack([img, img]), ["a blue square"] * 2, strength=0.5, steps=4, seed=5, progress=False)
+    assert np.array_equal(edit["images"], want) and str(edit["edit"]) == "img2img" and float(edit["strength"]) == 0.5
+    filled = sample(tiny_pipeline, tmp_path, "i.npz", *common, "--mask", str(tmp_path / "mask.png"))
+    want = pipe.inpaint(np.stack([img, img]), np.stack([mask > 127] * 2).astype(np.float32), ["a blue square"] * 2,
+                        steps=4, seed=5, progress=False)
+    assert np.array_equal(filled["images"], want)
+    assert np.array_equal(filled["images"][:, :, 16:], np.stack([img] * 2)[:, :, 16:])  # unmasked: the input
+
+
 def test_classifier_guidance_needs_a_class(tiny_pipeline, tmp_path):
     with pytest.raises(ValueError, match="class"):
         sample(tiny_pipeline, tmp_path, "x.npz", "--prompt", "", "--classifier-scale", "1", "--steps", "2", "--debug")

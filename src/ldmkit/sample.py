@@ -4,7 +4,8 @@
 dataset's native size), `prompts` (numpy unicode), `labels` (int64: the class a prompt names, else -1) and the
 scalars `guidance`, `sampler`, `steps`, `seed` and `guidance_rescale` (the phi used). Image i is seeded from
 (seed, i): the same command writes the same file, and an image does not change with `--num` or `--batch-size`. An
-empty prompt means unconditional.
+empty prompt means unconditional. `--init-image FILE --strength S` edits an image (SDEdit) and `--mask FILE`
+inpaints it where the mask is white; the npz then also records `edit` and `strength`.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ldmkit.checkpoint import write_bytes
+from ldmkit.checkpoint import regular_file, write_bytes
 from ldmkit.data import parse_class
+from ldmkit.data.folder import read_image
 from ldmkit.diffusion.samplers import SAMPLERS
 from ldmkit.guidance.cfg import APG_DEFAULTS, APGConfig
 from ldmkit.images import grid, save_png
@@ -73,8 +75,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--apg-momentum", type=float, default=APG_DEFAULTS.momentum, help="APG: momentum beta (negative)")
     p.add_argument("--apg-threshold", type=float, default=APG_DEFAULTS.norm_threshold,
                    help="APG: norm threshold r (0 = off)")
+    p.add_argument("--init-image", default=None, metavar="FILE", help="edit this image instead of starting from "
+                   "noise (SDEdit): it is resized and centre-cropped to the pipeline's size")
+    p.add_argument("--strength", type=float, default=0.6, help="with --init-image: how much of the noise schedule "
+                   "is rerun (0 keeps the image, 1 ignores it)")
+    p.add_argument("--mask", default=None, metavar="FILE", help="with --init-image: inpaint where this grayscale "
+                   "image is white (> 127); black pixels keep the input")
     p.add_argument("--no-progress", action="store_true")
     return p
+
+
+def read_edit_inputs(args, pipe: Pipeline, rows: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """--init-image (and --mask) at the pipeline's native size, repeated for every output row."""
+    _, _, h, w = pipe.crop_box
+    channels = pipe.spec["image"]["channels"]
+    img, _ = read_image(Path(args.init_image), max(h, w), channels, (0, 0, 0))
+    img = img.transpose(1, 2, 0)[:h, :w]  # (h, w, C)
+    mask = None
+    if args.mask is not None:
+        m, _ = read_image(Path(args.mask), max(h, w), 1, (0, 0, 0))
+        mask = np.repeat((m[0, :h, :w] > 127).astype(np.float32)[None], rows, 0)
+        if not mask.any():
+            raise ValueError(f"--mask {args.mask} has no white pixel: nothing to inpaint (white = regenerate)")
+    return np.repeat(img[None], rows, 0), mask
 
 
 def labels_for(prompts: list[str], names: list[str] | None = None) -> np.ndarray:
@@ -119,6 +142,16 @@ def check_args(args) -> None:
     if args.guidance is not None and not -20 <= args.guidance <= 50:
         raise ValueError(f"--guidance {args.guidance} is outside -20..50 (1 = conditional, 0 = unconditional; "
                          "useful values lie around 1-8)")
+    if args.init_image is None and args.mask is not None:
+        raise ValueError("--mask needs --init-image (the image to inpaint)")
+    if args.init_image is not None:
+        regular_file(args.init_image, "--init-image")
+        if args.mask is not None:
+            regular_file(args.mask, "--mask")
+        if not 0 < args.strength <= 1:
+            raise ValueError(f"--strength {args.strength} must lie in (0, 1]")
+        if args.distilled or args.one_step:
+            raise ValueError("--init-image works with the full denoiser; drop --distilled / --one-step")
     if not -2**63 <= args.seed < 2**63:
         raise ValueError(f"--seed {args.seed} must fit in 64 bits (the npz stores it as int64)")
     out = Path(args.out)
@@ -144,15 +177,24 @@ def main(argv: list[str] | None = None) -> int:
                       apg=APGConfig(args.apg_eta, args.apg_momentum, args.apg_threshold))
     sampler = args.sampler or pipe.defaults["sampler"]
     steps = args.steps or (1 if args.one_step else pipe.defaults["steps"])
-    images = pipe(args.prompt, args.num, guidance=g, class_label=args.class_label, steps=steps, sampler=sampler,
-                  seed=args.seed, batch_size=args.batch_size, micro_batch=args.micro_batch, precision=args.precision,
-                  decoder=args.decoder, distilled=distilled, progress=not args.no_progress)
     rows = [p for p in args.prompt for _ in range(args.num)]
+    kw = dict(steps=steps, sampler=sampler, seed=args.seed, batch_size=args.batch_size, micro_batch=args.micro_batch,
+              precision=args.precision, decoder=args.decoder, progress=not args.no_progress)
+    if args.init_image is None:
+        images = pipe(args.prompt, args.num, guidance=g, class_label=args.class_label, distilled=distilled, **kw)
+    else:
+        init, mask = read_edit_inputs(args, pipe, len(rows))
+        if g.classifier_scale:
+            kw["class_labels"] = pipe.class_labels(rows, args.class_label)
+        images = (pipe.img2img(init, rows, strength=args.strength, guidance=g, **kw) if mask is None
+                  else pipe.inpaint(init, mask, rows, guidance=g, **kw))
     labels = labels_for(rows, pipe.spec.get("classes"))
     if args.class_label is not None:  # the class the images were guided toward
         labels[:] = args.class_label
     save_samples(args.out, images, rows, labels, guidance=g.scale, sampler=sampler, steps=int(steps),
                  seed=int(args.seed), guidance_rescale=g.rescale, decoder=args.decoder,
-                 distilled="onestep" if args.one_step else ("guidance" if args.distilled else "none"))
+                 distilled="onestep" if args.one_step else ("guidance" if args.distilled else "none"),
+                 **({"edit": "inpaint" if args.mask else "img2img", "strength": float(args.strength)}
+                    if args.init_image else {}))
     print(f"wrote {len(images)} images to {args.out}", file=sys.stderr)
     return 0
