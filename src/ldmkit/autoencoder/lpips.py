@@ -126,7 +126,6 @@ class LPIPS(nn.Module):
             if (h < 0).any():
                 raise ValueError(f"LPIPS head {i} has negative weights; heads must be non-negative")
             self.register_buffer(f"head{i}", h.detach().float().clone())
-        self.n_taps = len(heads)
         self.requires_grad_(False)
         self.eval()
 
@@ -150,8 +149,3 @@ def lpips_vgg16(vgg_path: str | Path, heads_path: str | Path | None = None) -> L
     backbone = load_vgg16(vgg_path)
     heads = load_lpips_heads(heads_path, VGG16_CHANNELS) if heads_path is not None else None
     return LPIPS(backbone, heads)
-
-
-def lpips_featnet(featnet: nn.Module) -> LPIPS:
-    """LPIPS on a trained FeatNet, heads all ones."""
-    return LPIPS(featnet)

@@ -23,7 +23,6 @@ from ldmkit.data.captions import FASHION_CLASSES, fashion_caption
 DEFAULT_FASHION_DIR = Path(os.environ.get("LDMKIT_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
 FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
          "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
-SPLIT_SIZES = {"train": 60000, "test": 10000}
 NATIVE = 28
 _MAGIC = {2049: 1, 2051: 3}  # idx magic number (unsigned byte data) -> number of dimensions
 

@@ -65,11 +65,6 @@ def sigma_from_alphas_cumprod(a: torch.Tensor) -> torch.Tensor:
     return ((1 - a) / a).sqrt()
 
 
-def alphas_cumprod_from_sigma(sigma: torch.Tensor) -> torch.Tensor:
-    """a = 1 / (1 + sigma^2); sigma = inf gives 0."""
-    return 1 / (1 + sigma**2)
-
-
 def vp_coefficients(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(alpha, sigma_vp) with x_vp = alpha x0 + sigma_vp eps = alpha * x; exact at sigma = 0 and sigma = inf."""
     alpha = torch.rsqrt(1 + sigma**2)

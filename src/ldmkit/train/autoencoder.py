@@ -209,14 +209,7 @@ def train(cfg: AutoencoderStage, out, spec: str, ds, resume: bool = False, init_
         opt.zero_grad(set_to_none=True)
         common.ema_update(ema, model, tc.ema_halflife_steps)
         if d_on:
-            disc.requires_grad_(True)
-            with common.autocast(run.device, tc.precision):  # recon is detached inside; warm-up counts as on
-                d_loss, d_terms = discriminator_loss(lc, dnet, x, recon, max(step, lc.disc_start))
-            d_loss.backward()
-            common.clip_grad(disc.parameters(), tc.grad_clip)
-            optimizers["opt_disc"].step()
-            optimizers["opt_disc"].zero_grad(set_to_none=True)
-            terms.update({f"disc_{k}": v for k, v in d_terms.items()})
+            terms.update(discriminator_step(cfg, run, disc, dnet, optimizers["opt_disc"], x, recon, step))
         run.log(step, **{k: v.item() for k, v in terms.items()}, grad_norm=gnorm, lr=opt.param_groups[0]["lr"])
         if run.is_main and run.should(tc.sample_every, step):
             save_recon_grid(ema, ds, grid_x, out / f"recon-{step + 1:06d}.png")
@@ -230,6 +223,19 @@ def train(cfg: AutoencoderStage, out, spec: str, ds, resume: bool = False, init_
                   f"test PSNR {metrics.get('test_psnr', float('nan')):.2f} dB")
     metrics["params"] = sum(p.numel() for p in model.parameters())
     return run.finish(ema.state_dict(), metrics, step)
+
+
+def discriminator_step(cfg: AutoencoderStage, run, disc, dnet, opt, x, recon, step: int) -> dict:
+    """One update of the patch discriminator on real x against the (detached) reconstructions; its logged terms."""
+    lc, tc = cfg.loss, cfg.train
+    disc.requires_grad_(True)
+    with common.autocast(run.device, tc.precision):  # recon is detached inside; warm-up counts as on
+        d_loss, d_terms = discriminator_loss(lc, dnet, x, recon, max(step, lc.disc_start))
+    d_loss.backward()
+    common.clip_grad(disc.parameters(), tc.grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return {f"disc_{k}": v for k, v in d_terms.items()}
 
 
 @torch.no_grad()
