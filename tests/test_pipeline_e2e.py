@@ -165,6 +165,29 @@ def test_cli_edits_match_the_python_api(tiny_pipeline, tmp_path):
     assert np.array_equal(filled["images"][:, :, 16:], np.stack([img] * 2)[:, :, 16:])  # unmasked: the input
 
 
+def test_an_interrupted_sample_keeps_the_finished_batches(tiny_pipeline, tmp_path, monkeypatch, capsys):
+    """Ctrl-C (or SIGTERM) during the third batch: the two finished batches are written, marked incomplete, and
+    equal the first rows of an uninterrupted run."""
+    from ldmkit.pipeline import Pipeline
+    full = sample(tiny_pipeline, tmp_path, "full.npz", "--prompt", "a red circle", "--num", "10", "--steps", "2",
+                  "--batch-size", "4")
+    decode, calls = Pipeline.decode, []
+
+    def decode_then_stop(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return decode(self, *a, **k)
+    monkeypatch.setattr(Pipeline, "decode", decode_then_stop)
+    out = tmp_path / "cut.npz"
+    assert cli(["sample", str(tiny_pipeline), "--no-progress", "--prompt", "a red circle", "--num", "10", "--steps",
+                "2", "--batch-size", "4", "--out", str(out)]) == 130
+    assert "the first 8 of 10 images are in" in capsys.readouterr().err
+    with np.load(out, allow_pickle=False) as cut:
+        assert not bool(cut["complete"]) and np.array_equal(cut["images"], full["images"][:8])
+        assert cut["prompts"].shape == (8,) and cut["labels"].shape == (8,)
+
+
 def test_classifier_guidance_needs_a_class(tiny_pipeline, tmp_path):
     with pytest.raises(ValueError, match="class"):
         sample(tiny_pipeline, tmp_path, "x.npz", "--prompt", "", "--classifier-scale", "1", "--steps", "2", "--debug")
@@ -299,8 +322,34 @@ def test_bad_pipeline_files_fail_naming_the_key(tiny_pipeline, tmp_path, capsys)
         (d / "clip" / "model.safetensors").unlink()
         os.mkfifo(d / "clip" / "model.safetensors")
 
+    def edit_json(path, **changes):
+        obj = json.loads(path.read_text())
+        for dotted, value in changes.items():
+            *keys, last = dotted.split(".")
+            target = obj
+            for k in keys:
+                target = target[k]
+            target[last] = value
+        path.write_text(json.dumps(obj))
+
+    def objective_edited(d, s):  # same weights, read as another objective: would change every image
+        kind = json.loads((d / "denoiser" / "config.json").read_text())["objective"]["kind"]
+        edit_json(d / "denoiser" / "config.json", **{"objective.kind": "eps" if kind != "eps" else "v"})
+
+    def parent_hash_edited(d, s):  # the denoiser's record of its autoencoder
+        edit_json(d / "denoiser" / "config.json", **{"conditioning.autoencoder_sha256": "0" * 16})
+
+    def scale_edited(d, s):
+        s["latent"]["scale_factor"] = 0.05
+
+    def tokenizer_edited(d, s):
+        tok = d / "clip" / "tokenizer.json"
+        tok.write_text(tok.read_text().replace('"a"', '"A"', 1))
+
     cases = [(drop_clip, "'clip' stage"), (unknown_key, "bogus"), (old_format, "format"), (escape, "leaves"),
-             (no_denoiser, "denoiser"), (fifo_weights, "model.safetensors")]
+             (no_denoiser, "denoiser"), (fifo_weights, "model.safetensors"), (objective_edited, "config was edited"),
+             (parent_hash_edited, "config was edited"), (scale_edited, "latent scale"),
+             (tokenizer_edited, "config was edited")]
     for edit, words in cases:
         d = broken(edit.__name__, edit)
         assert cli(["sample", str(d), "--prompt", "a red circle", "--out", str(tmp_path / "x.npz")]) == 2

@@ -20,6 +20,7 @@ import torch
 from safetensors import safe_open
 
 from ldmkit.checkpoint import file_hash, load_safetensors, read_json, save_safetensors, write_json
+from ldmkit.stages import stage_entry
 
 KEEP = ("config.json", "metrics.json", "metrics.jsonl", "tokenizer.json", "eval.json")  # copied as they are
 WEIGHTS = ("model.safetensors", "lpips_featnet.safetensors")  # converted to --dtype
@@ -80,7 +81,7 @@ def export(src: str | Path, out: str | Path, dtype: str = "bf16", overwrite: boo
                 else:
                     shutil.copyfile(p, tmp / name / f)
         new = _rewrite(spec, hashes, str(src))
-        new["stages"] = {name: {"path": name, "sha256": hashes[e["sha256"]]} for name, e in spec["stages"].items()}
+        new["stages"] = {name: stage_entry(tmp, name) for name in spec["stages"]}
         new["weights_dtype"] = dtype
         write_json(tmp / "pipeline.json", new)
         if out.exists():

@@ -240,14 +240,15 @@ class Pipeline:
                  sampler: str | None = None, seed: int = 0, batch_size: int = 64, class_labels=None,
                  init_latents: torch.Tensor | None = None, strength: float = 1.0, inpaint=None,
                  progress: bool = True, micro_batch: int = MICRO_BATCH, precision: str = "fp32",
-                 decoder: str = "full", distilled: bool | str = False) -> np.ndarray:
+                 decoder: str = "full", distilled: bool | str = False, on_batch=None) -> np.ndarray:
         """One image per entry of `prompts` (rows in order; image i seeded by (seed, i)) -> uint8 NHWC.
         Images do not change with `batch_size`; `micro_batch` (rows per network call) may change their last bits.
         precision "bf16" runs the denoiser and decoder under bf16 autocast (faster on CPUs with AVX512-BF16/AMX;
         the sampler stays fp32; images then differ slightly from fp32 ones). decoder: "full" or "fast" (`decode`).
         distilled: sample with the guidance-distilled denoiser (one network row per image and step); `guidance`
         must then be the setting it was distilled at (`distilled_guidance`). distilled="onestep": its one-step
-        student (`ldmkit train distill --set one_step_from=N`; sample it with steps=1)."""
+        student (`ldmkit train distill --set one_step_from=N`; sample it with steps=1). `on_batch(images)` is called
+        with each finished batch (the CLI keeps them when it is interrupted)."""
         self._decoder(decoder)  # fail before sampling
         backbone = self.backbone
         if distilled:
@@ -277,6 +278,8 @@ class Pipeline:
                                x_start=x0, start_step=start if x0 is not None else 0, inpaint=known,
                                micro_batch=micro_batch, precision=precision)
             out.append(self.decode(z, micro_batch, precision, decoder))
+            if on_batch is not None:
+                on_batch(out[-1])
             bar.update(len(prompts[sl]))
         bar.close()
         return np.concatenate(out)

@@ -5,7 +5,8 @@ dataset's native size), `prompts` (numpy unicode), `labels` (int64: the class a 
 scalars `guidance`, `sampler`, `steps`, `seed` and `guidance_rescale` (the phi used). Image i is seeded from
 (seed, i): the same command writes the same file, and an image does not change with `--num` or `--batch-size`. An
 empty prompt means unconditional. `--init-image FILE --strength S` edits an image (SDEdit) and `--mask FILE`
-inpaints it where the mask is white; the npz then also records `edit` and `strength`.
+inpaints it where the mask is white; the npz then also records `edit` and `strength`. Ctrl-C or SIGTERM keeps
+the images finished so far: they are written to `--out` with `complete=False`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import argparse
 import io
 import math
 import os
+import signal
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -178,23 +181,51 @@ def main(argv: list[str] | None = None) -> int:
     sampler = args.sampler or pipe.defaults["sampler"]
     steps = args.steps or (1 if args.one_step else pipe.defaults["steps"])
     rows = [p for p in args.prompt for _ in range(args.num)]
+    done: list[np.ndarray] = []  # finished batches: written out if the run is interrupted
     kw = dict(steps=steps, sampler=sampler, seed=args.seed, batch_size=args.batch_size, micro_batch=args.micro_batch,
-              precision=args.precision, decoder=args.decoder, progress=not args.no_progress)
-    if args.init_image is None:
-        images = pipe(args.prompt, args.num, guidance=g, class_label=args.class_label, distilled=distilled, **kw)
-    else:
-        init, mask = read_edit_inputs(args, pipe, len(rows))
-        if g.classifier_scale:
-            kw["class_labels"] = pipe.class_labels(rows, args.class_label)
-        images = (pipe.img2img(init, rows, strength=args.strength, guidance=g, **kw) if mask is None
-                  else pipe.inpaint(init, mask, rows, guidance=g, **kw))
+              precision=args.precision, decoder=args.decoder, progress=not args.no_progress, on_batch=done.append)
     labels = labels_for(rows, pipe.spec.get("classes"))
     if args.class_label is not None:  # the class the images were guided toward
         labels[:] = args.class_label
-    save_samples(args.out, images, rows, labels, guidance=g.scale, sampler=sampler, steps=int(steps),
-                 seed=int(args.seed), guidance_rescale=g.rescale, decoder=args.decoder,
-                 distilled="onestep" if args.one_step else ("guidance" if args.distilled else "none"),
-                 **({"edit": "inpaint" if args.mask else "img2img", "strength": float(args.strength)}
-                    if args.init_image else {}))
+    settings = dict(guidance=g.scale, sampler=sampler, steps=int(steps), seed=int(args.seed),
+                    guidance_rescale=g.rescale, decoder=args.decoder,
+                    distilled="onestep" if args.one_step else ("guidance" if args.distilled else "none"),
+                    **({"edit": "inpaint" if args.mask else "img2img", "strength": float(args.strength)}
+                       if args.init_image else {}))
+    try:
+        with sigterm_as_interrupt():
+            if args.init_image is None:
+                images = pipe(args.prompt, args.num, guidance=g, class_label=args.class_label, distilled=distilled,
+                              **kw)
+            else:
+                init, mask = read_edit_inputs(args, pipe, len(rows))
+                if g.classifier_scale:
+                    kw["class_labels"] = pipe.class_labels(rows, args.class_label)
+                images = (pipe.img2img(init, rows, strength=args.strength, guidance=g, **kw) if mask is None
+                          else pipe.inpaint(init, mask, rows, guidance=g, **kw))
+    except KeyboardInterrupt:
+        if not done:
+            raise KeyboardInterrupt("interrupted before the first batch finished; nothing written") from None
+        n = sum(len(b) for b in done)
+        save_samples(args.out, np.concatenate(done), rows[:n], labels[:n], complete=False, **settings)
+        raise KeyboardInterrupt(f"interrupted: the first {n} of {len(rows)} images are in {args.out} "
+                                "(complete=False); rerun the command for all of them") from None
+    save_samples(args.out, images, rows, labels, **settings)
     print(f"wrote {len(images)} images to {args.out}", file=sys.stderr)
     return 0
+
+
+@contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM (a scheduler's stop) ends sampling like Ctrl-C, so the finished batches are kept."""
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+    try:
+        old = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)

@@ -8,13 +8,15 @@ so it never silently runs on another latent space.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from pathlib import Path
 
 import torch
 
 from ldmkit.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldmkit.autoencoder.fast_decoder import FastDecoder, FastDecoderConfig
-from ldmkit.checkpoint import file_hash, load_safetensors, read_json
+from ldmkit.checkpoint import file_hash, load_safetensors, read_json, regular_file
 from ldmkit.conditioning import CLIPConfig, CLIPModel, MiniLMTextEncoder, Tokenizer
 from ldmkit.config import from_dict
 from ldmkit.diffusion.dit import DiT, DiTConfig
@@ -39,6 +41,26 @@ def stage_config(path: str | Path, stage: str) -> dict:
 
 def weights_hash(path: str | Path) -> str:
     return file_hash(Path(path) / "model.safetensors")
+
+
+CONFIG_FILES = ("config.json", "metrics.json", "tokenizer.json")  # what loading a stage reads besides its weights
+
+
+def config_hash(path: str | Path) -> str:
+    """sha256 (16 hex digits) of the files that say how a stage's weights are read (architecture, objective,
+    latent scale, tokenizer): an edit to any of them changes what the weights mean, so a pipeline records it."""
+    h = hashlib.sha256()
+    for name in CONFIG_FILES:
+        f = Path(path) / name
+        if f.exists():
+            obj = read_json(f) if name != "tokenizer.json" else json.loads(regular_file(f).read_bytes())
+            h.update(name.encode() + b"\0" + json.dumps(obj, sort_keys=True, separators=(",", ":")).encode() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def stage_entry(root: Path, name: str) -> dict:
+    """pipeline.json's record of stage `name` in `root`: its path, weights hash and config hash."""
+    return {"path": name, "sha256": weights_hash(root / name), "config_sha256": config_hash(root / name)}
 
 
 def _load_weights(model: torch.nn.Module, path: Path) -> torch.nn.Module:
@@ -168,12 +190,20 @@ def check_spec(root: Path, spec: dict) -> None:
 
 
 def check_hashes(root: Path, spec: dict) -> None:
+    """Every stage's weights and config files are the ones pipeline.json recorded."""
     for name, entry in spec["stages"].items():
         got = weights_hash(root / entry["path"])
         if got != entry["sha256"]:
             raise ValueError(f"{root / entry['path']}: weights hash {got} differs from {entry['sha256']} in "
                              f"{root / 'pipeline.json'}; the {name} stage was swapped or retrained. Rebuild the "
                              "pipeline with `ldmkit train pipeline` (or restore the original stage)")
+        got = config_hash(root / entry["path"])
+        if got != entry.get("config_sha256"):
+            what = "records no config hash" if "config_sha256" not in entry else f"has config hash {got}, not " \
+                f"{entry['config_sha256']}"
+            raise ValueError(f"{root / entry['path']} {what} ({', '.join(CONFIG_FILES)}); the {name} stage's "
+                             "config was edited, which changes what its weights mean. Restore it, or rerun "
+                             "`ldmkit train pipeline` with the same --out to record the stages as they are")
 
 
 def _load_bound(root: Path, st: dict, name: str, loader, key: str, parent: str, what: str, fix: str):
@@ -200,6 +230,11 @@ def load_pipeline_stages(root: Path) -> dict:
     text, _ = load_text_encoder(root / st["clip"]["path"])
     backbone, objective, dcfg = load_denoiser(root / st["denoiser"]["path"])
     cond = dcfg["conditioning"]
+    latent = spec["latent"]
+    if (latent.get("scale_factor"), latent.get("shift_factor")) != (cond["scale_factor"], cond["shift_factor"]):
+        raise ValueError(f"{root / 'pipeline.json'}: latent scale/shift ({latent.get('scale_factor')}, "
+                         f"{latent.get('shift_factor')}) differ from the denoiser's ({cond['scale_factor']}, "
+                         f"{cond['shift_factor']}); restore pipeline.json or rebuild it with `ldmkit train pipeline`")
     for key, stage in (("autoencoder_sha256", "autoencoder"), ("text_encoder_sha256", "clip")):
         if cond[key] != st[stage]["sha256"]:
             raise ValueError(f"the denoiser in {root} was trained with another {stage} (hash {cond[key]}, "

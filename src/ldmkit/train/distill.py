@@ -37,7 +37,7 @@ from ldmkit.guidance.cfg import Guidance, guided_denoiser
 from ldmkit.nn import per_example
 from ldmkit.pipeline import Pipeline, PromptEncoder, sample_latents
 from ldmkit.seeding import example_generators, example_seed, randn
-from ldmkit.stages import weights_hash
+from ldmkit.stages import stage_entry
 from ldmkit.train import common
 from ldmkit.train.common import TrainConfig
 from ldmkit.train.latent_cache import draw_latents, posterior_cache
@@ -122,7 +122,7 @@ def update(run, step: int, loss: torch.Tensor, model, ema, opt) -> None:
 def register(root: Path, name: str = "distilled") -> None:
     """Name the distilled stage in pipeline.json with its weight hash (the other entries stay as they are)."""
     spec = read_json(root / "pipeline.json")
-    spec["stages"][name] = {"path": name, "sha256": weights_hash(root / name)}
+    spec["stages"][name] = stage_entry(root, name)
     write_json(root / "pipeline.json", spec)
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from ldmkit.checkpoint import provenance, write_json
 from ldmkit.config import apply_overrides, preset
 from ldmkit.data import load_dataset
-from ldmkit.stages import PIPELINE_FORMAT, load_autoencoder, stage_config, weights_hash
+from ldmkit.stages import PIPELINE_FORMAT, load_autoencoder, stage_config, stage_entry
 from ldmkit.train import autoencoder, classifier, clip, distill, eval_classifier, fast_decoder, ldm
 
 
@@ -135,7 +135,7 @@ def write_pipeline_json(out: Path, pp: PipelinePreset, ds) -> dict:
     """pipeline.json naming the stage directories with their weight hashes, latent scale and defaults."""
     _, scale, shift = load_autoencoder(out / "autoencoder")
     dcfg = stage_config(out / "denoiser", "ldm")
-    stages = {name: {"path": name, "sha256": weights_hash(out / name)}
+    stages = {name: stage_entry(out, name)
               for name in STAGES
               if (out / name / "model.safetensors").exists()}
     spec = {
