@@ -8,14 +8,16 @@ is fsynced, then renamed over the target, so an interrupted write leaves the pre
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 from safetensors.torch import load_file, save
@@ -41,6 +43,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise
+        raise OSError(e.errno, f"could not write {path}: {e.strerror}; the previous file (if any) is unchanged: "
+                               "free some space or write elsewhere") from None
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -105,19 +112,36 @@ def load_safetensors(path: str | os.PathLike, device: str = "cpu") -> dict[str, 
 
 def save_state(obj: dict, path: str | os.PathLike) -> None:
     """Save resume state (plain dicts/lists/tensors/numbers only) atomically."""
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    try:
+        with atomic_path(path) as tmp:
+            torch.save(obj, tmp)
+    except RuntimeError as e:  # torch's writer reports a full disk as "unexpected pos ..."
+        free = shutil.disk_usage(Path(path).parent).free
+        raise OSError(f"could not write {path} ({str(e).splitlines()[0][:120]}); {free / 1e6:.1f} MB free on that "
+                      "disk, the previous checkpoint is intact: free some space and rerun with --resume") from None
 
 
-def load_state(path: str | os.PathLike) -> dict:
-    """Load resume state with `weights_only=True`: no arbitrary objects are ever unpickled."""
+def load_state(path: str | os.PathLike, expect: Iterable[str] = ()) -> dict:
+    """Load resume state with `weights_only=True`: no arbitrary objects are ever unpickled. `expect`: module names
+    a training run's checkpoint must hold (with its step, optimizers and RNG state)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: nothing to resume (drop --resume to start fresh)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"{path} could not be loaded as plain resume state ({e})") from None
+        raise ValueError(f"{path} could not be loaded as plain resume state ({str(e).splitlines()[0][:200]}); "
+                         "it is damaged or not ldmkit's: restore it or start fresh without --resume") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not resume state; restore it or start fresh")
+    expect = list(expect)
+    if expect:
+        missing = [k for k in ("step", "modules", "optimizers", "rng") if k not in state]
+        missing += [f"modules.{n}" for n in expect if n not in state.get("modules", {})]
+        if missing:
+            raise ValueError(f"{path} is not a checkpoint of this run (no {missing}); restore it, or start fresh "
+                             "without --resume")
+    return state
 
 
 def file_hash(path: str | os.PathLike, n: int = 16) -> str:
@@ -211,7 +235,8 @@ def check_run_dir(path: Path, config: dict, resume: bool) -> None:
         if not state.exists():
             raise FileNotFoundError(f"--resume given but {state} does not exist; drop --resume to start fresh")
         saved = read_json(path / "config.json")
-        diff = [k for k in config if k not in ("data", "data_options") and saved.get(k) != config[k]]
+        diff = changed_keys({k: v for k, v in saved.items() if k not in ("data", "data_options")},
+                            {k: v for k, v in config.items() if k not in ("data", "data_options")})
         if diff:
             raise ValueError(f"--resume: the config differs from {path / 'config.json'} in {diff}; "
                              "resume with the same preset and --set overrides, or use --init-from")
@@ -221,3 +246,11 @@ def check_run_dir(path: Path, config: dict, resume: bool) -> None:
     elif (path / "metrics.json").exists():
         raise FileExistsError(f"{path} holds a finished {stage} run (metrics.json); choose another "
                               "--out, or pass --overwrite to replace it")
+
+
+def changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted paths where two nested configs differ (train.lr, model.widths, ...)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [k for key in sorted(set(old) | set(new), key=str)
+                for k in changed_keys(old.get(key), new.get(key), f"{prefix}{key}.")]
+    return [] if old == new else [prefix.rstrip(".")]

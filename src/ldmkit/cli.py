@@ -48,9 +48,8 @@ def _usage() -> str:
 
 
 # what a user can fix: bad values and configs (ValueError, with ConfigError and BadFileError), files and folders
-# (OSError's subclasses below), a run that diverged (its message names the step and the fix)
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,
-               NotADirectoryError)
+# (OSError: missing, unreadable, unwritable, full), a run that diverged (its message names the step and the fix)
+USER_ERRORS = (ValueError, OSError)  # bad values and configs; files, folders, permissions, a full disk
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:

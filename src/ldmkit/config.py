@@ -153,7 +153,9 @@ def _replace_path(cfg: Any, parts: list[str], value: Any, full: str) -> Any:
     names = {f.name for f in dataclasses.fields(cfg)}
     head = parts[0]
     if head not in names:
-        raise ConfigError(f"unknown config key {full!r}; allowed keys at {head!r}: {_allowed(type(cfg))}")
+        where = ".".join(full.split(".")[: len(full.split(".")) - len(parts)])  # the section we are in
+        raise ConfigError(f"unknown config key {full!r}; allowed keys {f'in {where!r}' if where else 'at the top'}: "
+                          f"{_allowed(type(cfg))}")
     if len(parts) == 1:
         tp = _field_types(type(cfg))[head]
         if isinstance(value, (int, float)) and not isinstance(value, bool) and _is_optional(tp)[1] is str:

@@ -169,8 +169,27 @@ def check_args(args) -> None:
         raise PermissionError(f"--out {out}: folder {parent} is not writable")
 
 
+def attach_negative_numbers(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
+    """`--guidance -1e9` -> `--guidance=-1e9`: argparse reads a value like -1e9 as an unknown option, so a number
+    after a numeric option is attached to it (then range-checked like any other value)."""
+    numeric = {s for a in parser._actions if a.type in (int, float) for s in a.option_strings}
+    out = []
+    for arg in argv:
+        if out and out[-1] in numeric and arg.startswith("-"):
+            try:
+                float(arg)
+            except ValueError:
+                pass
+            else:
+                out[-1] = f"{out[-1]}={arg}"
+                continue
+        out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(attach_negative_numbers(list(sys.argv[1:] if argv is None else argv), parser))
     check_args(args)
     pipe = Pipeline.load(args.pipeline)
     distilled = "onestep" if args.one_step else args.distilled
@@ -193,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
                     **({"edit": "inpaint" if args.mask else "img2img", "strength": float(args.strength)}
                        if args.init_image else {}))
     try:
-        with sigterm_as_interrupt():
+        with sigterm_as_interrupt(), output_lock(Path(args.out)):
             if args.init_image is None:
                 images = pipe(args.prompt, args.num, guidance=g, class_label=args.class_label, distilled=distilled,
                               **kw)
@@ -213,6 +232,33 @@ def main(argv: list[str] | None = None) -> int:
     save_samples(args.out, images, rows, labels, **settings)
     print(f"wrote {len(images)} images to {args.out}", file=sys.stderr)
     return 0
+
+
+@contextmanager
+def output_lock(out: Path):
+    """Hold `.NAME.lock` beside --out while sampling: a second `ldmkit sample` into the same file is refused (the
+    later writer would silently replace the first one's images). The lock ends with the process."""
+    try:
+        import fcntl  # local: POSIX only; elsewhere sampling runs unlocked
+    except ImportError:
+        yield
+        return
+    lock = out.parent / f".{out.name}.lock"
+    with open(lock, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise FileExistsError(f"--out {out}: another ldmkit sample (PID {f.read().strip() or '?'}) is writing it; "
+                                  "wait for it or choose another --out") from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)
 
 
 @contextmanager

@@ -16,7 +16,7 @@ import torch
 
 from ldmkit.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldmkit.autoencoder.fast_decoder import FastDecoder, FastDecoderConfig
-from ldmkit.checkpoint import file_hash, load_safetensors, read_json, regular_file
+from ldmkit.checkpoint import file_hash, load_safetensors, read_json
 from ldmkit.conditioning import CLIPConfig, CLIPModel, MiniLMTextEncoder, Tokenizer
 from ldmkit.config import from_dict
 from ldmkit.diffusion.dit import DiT, DiTConfig
@@ -53,7 +53,7 @@ def config_hash(path: str | Path) -> str:
     for name in CONFIG_FILES:
         f = Path(path) / name
         if f.exists():
-            obj = read_json(f) if name != "tokenizer.json" else json.loads(regular_file(f).read_bytes())
+            obj = read_json(f)
             h.update(name.encode() + b"\0" + json.dumps(obj, sort_keys=True, separators=(",", ":")).encode() + b"\0")
     return h.hexdigest()[:16]
 
@@ -159,6 +159,7 @@ PIPELINE_FORMAT = "ldmkit-pipeline/1"
 SPEC_KEYS = {"format", "data", "stages", "latent", "image", "defaults", "provenance", "weights_dtype", "data_options",
              "classes"}
 REQUIRED_STAGES = ("autoencoder", "clip", "denoiser")
+DEFAULTS_KEYS = {"guidance", "guidance_rescale", "sampler", "steps"}
 
 
 def check_spec(root: Path, spec: dict) -> None:
@@ -173,6 +174,9 @@ def check_spec(root: Path, spec: dict) -> None:
     missing = [k for k in ("stages", "latent", "image", "defaults") if not isinstance(spec.get(k), dict)]
     if missing:
         raise ValueError(f"{where}: missing or malformed {missing}; rebuild it with `ldmkit train pipeline`")
+    unknown = sorted(set(spec["defaults"]) - DEFAULTS_KEYS)
+    if unknown:
+        raise ValueError(f"{where}: unknown defaults {unknown}; allowed: {sorted(DEFAULTS_KEYS)}")
     stages = spec["stages"]
     for name in REQUIRED_STAGES:
         if name not in stages:
@@ -231,6 +235,9 @@ def load_pipeline_stages(root: Path) -> dict:
     backbone, objective, dcfg = load_denoiser(root / st["denoiser"]["path"])
     cond = dcfg["conditioning"]
     latent = spec["latent"]
+    if list(latent.get("shape", [])) != list(cond["latent_shape"]):
+        raise ValueError(f"{root / 'pipeline.json'}: latent shape {latent.get('shape')} differs from the denoiser's "
+                         f"{list(cond['latent_shape'])}; restore pipeline.json or rebuild it (`ldmkit train pipeline`)")
     if (latent.get("scale_factor"), latent.get("shift_factor")) != (cond["scale_factor"], cond["shift_factor"]):
         raise ValueError(f"{root / 'pipeline.json'}: latent scale/shift ({latent.get('scale_factor')}, "
                          f"{latent.get('shift_factor')}) differ from the denoiser's ({cond['scale_factor']}, "

@@ -57,7 +57,9 @@ class Tokenizer:
         encodings = self.hf.encode_batch(prompts)
         for prompt, enc in zip(prompts, encodings):
             if enc.overflowing:
-                warnings.warn(f"prompt {prompt!r} is longer than max_length={self.max_length} tokens "
+                shown = prompt if len(prompt) <= 80 else prompt[:77] + "..."
+                warnings.warn(f"prompt {shown!r} ({len(prompt)} characters) is longer than max_length="
+                              f"{self.max_length} tokens "
                               "(including [BOS]/[EOS]); it was truncated", stacklevel=2)
         ids = torch.tensor([e.ids for e in encodings], dtype=torch.int64).reshape(len(prompts), self.max_length)
         mask = torch.tensor([e.attention_mask for e in encodings], dtype=torch.bool).reshape(ids.shape)

@@ -82,7 +82,11 @@ def _read_jsonl(path: Path, file_key: str, text_key: str) -> dict[str, list[str]
     """A captions.jsonl / metadata.jsonl -> {file name: [captions]} in order of first appearance."""
     captions: dict[str, list[str]] = {}
     example = f'{{"{file_key}": "x.png", "{text_key}": "a non-empty text"}}'
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
+    for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -101,7 +105,12 @@ def _read_txt(image: Path) -> list[str]:
     if not txt.is_file():
         raise BadFileError(f"{image}: no caption: expected {txt.name} next to it (one caption per line) or an entry "
                            f"in captions.jsonl; add a caption, {_SKIP_HINT}")
-    lines = [ln.strip() for ln in txt.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    try:
+        text = txt.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise BadFileError(f"{txt}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8, "
+                           f"{_SKIP_HINT}") from None
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     if not lines:
         raise BadFileError(f"{image}: caption file {txt} is empty; write a caption in it, {_SKIP_HINT}")
     return lines
@@ -174,6 +183,10 @@ def _entries(d: Path, template: str, names: list[str] | None = None):
     for name, keys in (("captions.jsonl", ("file", "caption")), ("metadata.jsonl", ("file_name", "text"))):
         if (d / name).is_file():
             table = _read_jsonl(d / name, *keys)
+            outside = [f for f in table if not (d / f).resolve().is_relative_to(d.resolve())]
+            if outside:
+                raise ValueError(f"{d / name}: entry {outside[0]!r} points outside {d}; name files inside the folder "
+                                 "(relative paths without ..)")
             out = [(d / f, caps, -1) for f, caps in table.items()]
             out += [(p, BadFileError(f"{p}: no caption: {name} has no entry with \"{keys[0]}\": \"{p.name}\"; "
                                      f"add one, {_SKIP_HINT}"), -1) for p in _images(d) if p.name not in table]

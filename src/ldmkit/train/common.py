@@ -106,7 +106,7 @@ class Run:
         """Load resume state (returns the step to continue from) or `--init-from` weights (returns 0)."""
         self._modules, self._optimizers = modules, optimizers  # saved as they are if a signal stops the run
         if self.resume:
-            st = load_state(self.dir / "state.pt")
+            st = load_state(self.dir / "state.pt", expect=modules)
             for name, m in modules.items():
                 unwrap(m).load_state_dict(st["modules"][name])
             for name, o in optimizers.items():
