@@ -40,7 +40,6 @@ from ldmkit.checkpoint import write_bytes
 from ldmkit.data import other_split
 from ldmkit.eval.autoencoder_eval import latent_statistics, reconstruct
 from ldmkit.eval.metrics import psnr
-from ldmkit.images import save_grid
 from ldmkit.seeding import example_seed
 from ldmkit.train import common
 from ldmkit.train.args import stage_main
@@ -217,13 +216,13 @@ def train(cfg: AutoencoderStage, out, spec: str, ds, resume: bool = False, init_
             terms.update(discriminator_step(cfg, run, disc, dnet, optimizers["opt_disc"], x, recon, step))
         run.log(step, **{k: v.item() for k, v in terms.items()}, grad_norm=gnorm, lr=opt.param_groups[0]["lr"])
         if run.is_main and run.should(tc.sample_every, step):
-            save_recon_grid(ema, ds, grid_x, out / f"recon-{step + 1:06d}.png")
+            run.image(recon_pairs(ema, ds, grid_x), "recon", step + 1, nrow=8)
         if run.should(tc.ckpt_every, step):
             run.save(step + 1, modules, optimizers, ema.state_dict())
         step += 1
     metrics = final_metrics(ema, cfg, ds, spec)
     if run.is_main:
-        save_recon_grid(ema, ds, grid_x, out / "recon.png")
+        run.image(recon_pairs(ema, ds, grid_x), "recon", nrow=8)
         run.print(f"scale_factor {metrics['scale_factor']:.4f} | shift_factor {metrics['shift_factor']:.4f} | "
                   f"test PSNR {metrics.get('test_psnr', float('nan')):.2f} dB")
     metrics["params"] = sum(p.numel() for p in model.parameters())
@@ -244,12 +243,12 @@ def discriminator_step(cfg: AutoencoderStage, run, disc, dnet, opt, x, recon, st
 
 
 @torch.no_grad()
-def save_recon_grid(ae: AutoencoderKL, ds, images: torch.Tensor, path: Path) -> None:
-    """Originals beside their posterior-mode reconstructions, four pairs per row."""
+def recon_pairs(ae: AutoencoderKL, ds, images: torch.Tensor) -> torch.Tensor:
+    """Originals beside their posterior-mode reconstructions (float [-1, 1], pairs in order)."""
     device = next(ae.parameters()).device
     x = ds.to_float(images).to(device)
     recon = ae.decode(ae.encode(x).mode()).clamp(-1, 1)
-    save_grid(torch.stack([x, recon], 1).flatten(0, 1).cpu(), path, nrow=8)
+    return torch.stack([x, recon], 1).flatten(0, 1).cpu()
 
 
 def final_metrics(ema: AutoencoderKL, cfg: AutoencoderStage, ds, spec: str) -> dict:

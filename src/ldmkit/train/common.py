@@ -191,6 +191,10 @@ class Run:
     def print(self, msg: str) -> None:
         self.logs.print(msg)
 
+    def image(self, images, name: str, step: int | None = None, nrow: int | None = None):
+        """Save a grid of images into the run folder (and TensorBoard), saying where (see `MetricsLog.image`)."""
+        return self.logs.image(images, name, step, nrow)
+
     def should(self, every: int, step: int) -> bool:
         return every > 0 and (step + 1) % every == 0
 

@@ -41,7 +41,7 @@ from ldmkit.stages import stage_entry
 from ldmkit.train import common
 from ldmkit.train.common import TrainConfig
 from ldmkit.train.latent_cache import draw_latents, posterior_cache
-from ldmkit.train.ldm import LDMConfig
+from ldmkit.train.ldm import LDMConfig, grid_prompts
 
 NOISE_SEED_OFFSET = 7919  # the student's draws differ from the ones the teacher was trained on
 
@@ -95,6 +95,19 @@ def training_data(pipe: Pipeline, data_dir: str | None):
     if spec == "fashion-mnist":
         kw["data_dir"] = data_dir
     return spec, load_dataset(spec, split="train", **kw)
+
+
+@torch.no_grad()
+def student_grid(run, pipe: Pipeline, student, encode, ds, sampler: str, steps: int, per_prompt: int = 8) -> None:
+    """The student's samples (guidance is inside it: scale 1), one grid row per prompt, into the run folder."""
+    if not run.is_main:
+        return
+    rows = [p for p in grid_prompts(ds)[:4] for _ in range(per_prompt)]
+    was = student.training
+    z = sample_latents(student.eval(), pipe.objective, encode, rows, range(len(rows)), tuple(pipe.latent_shape),
+                       seed=0, guidance=Guidance(scale=1.0), sampler=sampler, steps=steps)
+    student.train(was)
+    run.image(pipe.decode(z), "samples", nrow=per_prompt)
 
 
 def student_of(teacher: torch.nn.Module, run):
@@ -173,6 +186,7 @@ def train(cfg: DistillStage, out, pipeline_dir, data_dir: str | None = None, res
         loss = (pred.float() - target.float()).square().mean()
         update(run, step, loss, model, ema, opt)
         step += 1
+    student_grid(run, pipe, ema, encode, ds, pipe.defaults["sampler"], int(pipe.defaults["steps"]))
     return run.finish(ema.state_dict(), {"final_loss": loss.item(), "guidance": w, "guidance_rescale": phi}, step)
 
 
@@ -212,5 +226,6 @@ def train_one_step(cfg: DistillStage, out, pipeline_dir, data_dir: str | None = 
         loss = (pred.float() - target.to(run.device).float()).square().mean()
         update(run, step, loss, model, ema, opt)
         step += 1
+    student_grid(run, pipe, ema, encode, ds, cfg.one_step_sampler, 1)
     return run.finish(ema.state_dict(), {"final_loss": loss.item(), "one_step_from": cfg.one_step_from,
                                          "guidance": cfg.guidance, "guidance_rescale": cfg.guidance_rescale}, step)

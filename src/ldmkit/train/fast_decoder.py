@@ -106,6 +106,11 @@ def train(cfg: FastDecoderStage, out, spec: str, ds, ae_dir: str, resume: bool =
     if run.is_main and metrics:
         run.print(f"test PSNR: fast decoder {metrics['test_psnr_fast']:.2f} dB, full decoder "
                   f"{metrics['test_psnr_full']:.2f} dB; decoding {metrics['decode_speedup']:.1f}x faster")
+    if run.is_main:  # originals, the full decoder's and the fast decoder's reconstructions, a row each
+        with torch.no_grad():
+            x = ds.to_float(ds.images[:8]).to(run.device)
+            z = ae.encode(x).mode()
+            run.image(torch.cat([x, ae.decode(z), ema(z)]).clamp(-1, 1).cpu(), "decoders", nrow=8)
     metrics["params"] = sum(p.numel() for p in model.parameters())
     return run.finish(ema.state_dict(), metrics, step)
 

@@ -11,7 +11,6 @@ import copy
 import dataclasses
 import random
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -22,7 +21,6 @@ from ldmkit.diffusion.objectives import Objective, training_loss
 from ldmkit.diffusion.unet import PRESETS as UNET_PRESETS
 from ldmkit.diffusion.unet import UNetConfig
 from ldmkit.guidance.cfg import Guidance
-from ldmkit.images import save_grid
 from ldmkit.pipeline import PromptEncoder, sample_latents
 from ldmkit.seeding import example_seed
 from ldmkit.stages import build_backbone, load_autoencoder, load_text_encoder, weights_hash
@@ -155,19 +153,19 @@ def train(cfg: LDMConfig, out, spec: str, ds, ae_dir: str, text_spec: str, resum
         common.ema_update(ema, model, tc.ema_halflife_steps)
         run.log(step, loss=loss.item(), grad_norm=gnorm, lr=opt.param_groups[0]["lr"])
         if run.is_main and run.should(tc.sample_every, step):
-            sample_grid(ema, cfg, encode, prompts_grid, ae, Path(out) / f"samples-{step + 1:06d}.png")
+            run.image(sample_grid(ema, cfg, encode, prompts_grid, ae), "samples", step + 1, nrow=8)
         if run.should(tc.ckpt_every, step):
             run.save(step + 1, {"model": model, "ema": ema}, {"opt": opt}, ema.state_dict())
         step += 1
     metrics = {"final_loss": loss.item(), "params": sum(p.numel() for p in model.parameters())}
     if run.is_main:
-        sample_grid(ema, cfg, encode, prompts_grid, ae, Path(out) / "samples.png")
+        run.image(sample_grid(ema, cfg, encode, prompts_grid, ae), "samples", nrow=8)
     return run.finish(ema.state_dict(), metrics, step)
 
 
 @torch.no_grad()
-def sample_grid(backbone, cfg: LDMConfig, encode, prompts: list[str], ae, path: Path, per_prompt: int = 8) -> None:
-    """A grid with one row per prompt, sampled with the preset's default sampler and guidance."""
+def sample_grid(backbone, cfg: LDMConfig, encode, prompts: list[str], ae, per_prompt: int = 8) -> torch.Tensor:
+    """`per_prompt` images per prompt (one grid row each), sampled with the preset's sampler and guidance."""
     c, s = cfg.conditioning, cfg.sample
     rows = [p for p in prompts for _ in range(per_prompt)]
     was = backbone.training
@@ -175,4 +173,4 @@ def sample_grid(backbone, cfg: LDMConfig, encode, prompts: list[str], ae, path: 
     z = sample_latents(backbone, cfg.objective, encode, rows, range(len(rows)), tuple(c.latent_shape), seed=0,
                        guidance=Guidance(scale=s.guidance), sampler=s.sampler, steps=s.steps)
     backbone.train(was)
-    save_grid(ae.decode(z / c.scale_factor + c.shift_factor).clamp(-1, 1), path, nrow=per_prompt)
+    return ae.decode(z / c.scale_factor + c.shift_factor).clamp(-1, 1)

@@ -9,9 +9,12 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from ldmkit.checkpoint import write_bytes
+from ldmkit.images import grid, save_png, to_uint8_nhwc
 from ldmkit.train.distributed import all_reduce_mean
 
 
@@ -80,6 +83,21 @@ class MetricsLog:
             self._tb = SummaryWriter(str(self.dir / "tb"))
         for k, v in means.items():
             self._tb.add_scalar(f"{self.stage}/{k}", v, step)
+
+    def image(self, images, name: str, step: int | None = None, nrow: int | None = None) -> Path | None:
+        """A grid of `images` (float [-1, 1] NCHW or uint8 NHWC) as DIR/NAME-STEP.png (DIR/NAME.png at the end),
+        said on the console, and in TensorBoard when it is on. Only the main process writes."""
+        if not self.is_main:
+            return None
+        arr = grid(to_uint8_nhwc(images) if isinstance(images, torch.Tensor) else np.asarray(images), nrow=nrow,
+                   scale=2)
+        path = self.dir / (f"{name}.png" if step is None else f"{name}-{step:06d}.png")
+        save_png(arr, path)
+        self.print(f"[{self.stage}] {name} grid -> {path}")
+        if self.tc.tensorboard:
+            self._tb_log(step or self.tc.steps, {})  # opens the writer
+            self._tb.add_image(f"{self.stage}/{name}", arr, step or self.tc.steps, dataformats="HWC")
+        return path
 
     def trim(self, step: int) -> None:
         """On resume, drop rows past the checkpoint so metrics.jsonl reads like one uninterrupted run."""
