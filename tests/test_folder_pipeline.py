@@ -27,7 +27,7 @@ def image_folder(root, per_class: int = 10, size: int = 80):
 
 @pytest.mark.slow
 def test_class_folder_at_64_pixels_trains_and_samples(tmp_path, capsys):
-    image_folder(tmp_path / "imgs")
+    image_folder(tmp_path / "imgs", per_class=14)
     out = tmp_path / "pipe"
     assert cli(["train", "pipeline", "--preset", "tiny", "--data", f"folder:{tmp_path / 'imgs'}", "--image-size",
                 "64", "--out", str(out), "--no-progress"]) == 0
@@ -42,6 +42,12 @@ def test_class_folder_at_64_pixels_trains_and_samples(tmp_path, capsys):
     with np.load(tmp_path / "s.npz", allow_pickle=False) as f:
         assert f["images"].shape == (3, 64, 64, 3) and f["images"].dtype == np.uint8
         assert f["labels"].tolist() == [2, 2, 2]  # classes sorted: blue_box, green_bar, red_disc
+    assert cli(["eval", str(tmp_path / "s.npz"), "--reference", f"folder:{tmp_path / 'imgs'}", "--pipeline", str(out),
+                "--out", str(tmp_path / "e.json")]) == 0
+    scores = json.loads((tmp_path / "e.json").read_text())
+    assert scores["n_samples"] == 3 and scores["n_reference"] == 2  # 5% of 42 images held out
+    for key in ("fd", "fd_floor", "kid", "kid_floor", "precision", "recall", "clip_score", "clip_score_floor"):
+        assert np.isfinite(scores[key]), key
 
 
 @pytest.mark.parametrize("case", ["empty", "missing-caption", "too-small-for-test", "bad-size"])

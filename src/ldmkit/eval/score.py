@@ -1,8 +1,11 @@
-"""`ldmkit eval SAMPLES.npz`: score images with the frozen evaluation classifier.
+"""`ldmkit eval SAMPLES.npz`: score images with the frozen evaluation classifier, or against any dataset.
 
-Prints and writes accuracy against the npz's `labels` (where >= 0), the Frechet distance in the classifier's
+Default (Fashion-MNIST): accuracy against the npz's `labels` (where >= 0), the Frechet distance in the classifier's
 penultimate features against the Fashion-MNIST test set, and k-NN precision/recall (k = 3), each beside the floor
 that the same number of real training images reaches, with the classifier's weight hash.
+
+`--reference DATA --pipeline DIR` (any dataset, e.g. folder:PATH): FD, KID, precision/recall and CLIP score in the
+features of the pipeline's CLIP image tower, each beside its real-image floor (`ldmkit.eval.reference`).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from ldmkit.checkpoint import file_hash, load_safetensors, read_json, write_json
 from ldmkit.config import from_dict
 from ldmkit.data.fashion import fashion_uint8
 from ldmkit.eval.classifier import EvalClassifier, EvalClassifierConfig, score_images
+from ldmkit.eval.reference import score_against_reference
 from ldmkit.stages import find_pipeline
 
 
@@ -41,7 +45,7 @@ def load_eval_classifier(path: str | Path):
     return model.eval(), file_hash(d / "model.safetensors")
 
 
-def load_samples(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
+def load_samples(path: str | Path, fashion: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"samples file {path} not found")
@@ -50,7 +54,9 @@ def load_samples(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
             raise KeyError(f"{path} has no 'images' array (keys: {sorted(f.files)}); write it with `ldmkit sample`")
         images = f["images"]
         labels = f["labels"] if "labels" in f else None
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (28, 28, 1):
+    if images.dtype != np.uint8 or images.ndim != 4:
+        raise ValueError(f"{path}: images must be uint8 N x H x W x C, got {images.dtype} {images.shape}")
+    if fashion and images.shape[1:] != (28, 28, 1):
         raise ValueError(f"{path}: images must be uint8 N x 28 x 28 x 1 (Fashion-MNIST native size), got "
                          f"{images.dtype} {images.shape}")
     return images, labels
@@ -74,11 +80,36 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST idx files")
     p.add_argument("--out", default=None, help="JSON to write (default: SAMPLES with .eval.json)")
     p.add_argument("--seed", type=int, default=0, help="seed of the real-image floor subset")
+    p.add_argument("--reference", default=None, metavar="DATA", help="score against this dataset (folder:PATH, "
+                   "shapes, fashion-mnist) in the features of --pipeline's CLIP image tower")
+    p.add_argument("--pipeline", default=None, help="with --reference: the pipeline whose CLIP tower gives features")
     args = p.parse_args(argv)
+    if args.reference is not None:
+        return reference_main(args)
     classifier = args.classifier
     if classifier == p.get_default("classifier") and not Path(classifier).exists():
         classifier = find_pipeline("fashion-mnist")
     result = score_file(args.samples, classifier, args.data_dir, args.seed)
+    out = Path(args.out) if args.out else Path(args.samples).with_suffix(".eval.json")
+    write_json(out, result)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def reference_main(args) -> int:
+    """`--reference DATA --pipeline DIR`: FD, KID, precision/recall and CLIP score with their floors."""
+    if args.pipeline is None:
+        raise ValueError("--reference needs --pipeline DIR (its CLIP image tower gives the features)")
+    with np.load(args.samples, allow_pickle=False) as f:
+        prompts = [str(p) for p in f["prompts"]] if "prompts" in f else None
+    images, _ = load_samples(args.samples, fashion=False)
+    spec = read_json(Path(args.pipeline) / "pipeline.json") if (Path(args.pipeline) / "pipeline.json").exists() else {}
+    options = spec.get("data_options") if spec.get("data") == args.reference else None
+    if options is None and args.reference.startswith("folder:") and spec:
+        options = {"image_size": spec["image"]["size"][0]}
+    result = {"samples": str(args.samples), "pipeline": str(args.pipeline),
+              **score_against_reference(images, prompts, args.reference, args.pipeline, args.seed, options,
+                                        args.data_dir)}
     out = Path(args.out) if args.out else Path(args.samples).with_suffix(".eval.json")
     write_json(out, result)
     print(json.dumps(result, indent=2))
