@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldmkit.autoencoder.posterior import DiagonalGaussian
+from ldmkit.autoencoder.tiling import tiled_decode, tiled_encode_moments
 from ldmkit.kernels import attention, group_norm, nearest_upsample_conv
 
 
@@ -228,6 +229,7 @@ class AutoencoderKL(nn.Module):
         c = cfg.latent_channels
         self.quant_conv = nn.Conv2d(2 * c, 2 * c, 1) if cfg.use_quant_conv else None
         self.post_quant_conv = nn.Conv2d(c, c, 1) if cfg.use_post_quant_conv else None
+        self._tiling: tuple[int, int] | None = None  # (tile, overlap) in latent cells; see enable_tiling
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
         """(B, C, H, W) image -> posterior over (B, c, H/f, W/f) latents."""
@@ -237,15 +239,38 @@ class AutoencoderKL(nn.Module):
         if x.shape[2] % f or x.shape[3] % f:
             raise ValueError(f"image size {tuple(x.shape[2:])} is not divisible by the downsampling factor {f}; "
                              f"pad or resize the images")
-        moments = self.encoder(x)
-        if self.quant_conv is not None:
-            moments = self.quant_conv(moments)
+        tile = self._tiling
+        if tile is not None and max(x.shape[2:]) > tile[0] * f:
+            moments = tiled_encode_moments(self, x, tile[0] * f, tile[1] * f)
+        else:
+            moments = self.encode_moments(x)
         return DiagonalGaussian(moments, self.cfg.logvar_clamp)
+
+    def encode_moments(self, x: torch.Tensor) -> torch.Tensor:
+        moments = self.encoder(x)
+        return self.quant_conv(moments) if self.quant_conv is not None else moments
+
+    def enable_tiling(self, tile: int = 16, overlap: int = 4) -> AutoencoderKL:
+        """Encode and decode in overlapping tiles of `tile` latent cells (`autoencoder.tiling`) whenever an input
+        is larger than that; `disable_tiling()` turns it off."""
+        if not 0 <= overlap < tile:
+            raise ValueError(f"tiling needs 0 <= overlap < tile, got overlap={overlap}, tile={tile}")
+        self._tiling = (tile, overlap)
+        return self
+
+    def disable_tiling(self) -> AutoencoderKL:
+        self._tiling = None
+        return self
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """(B, c, h, w) latent -> (B, C, h*f, w*f) image (unbounded; clamp to [-1, 1] for display)."""
         if z.ndim != 4 or z.shape[1] != self.cfg.latent_channels:
             raise ValueError(f"decode expects (B, {self.cfg.latent_channels}, h, w) latents, got {tuple(z.shape)}")
+        if self._tiling is not None and max(z.shape[2:]) > self._tiling[0]:
+            return tiled_decode(self, z, *self._tiling)
+        return self.decode_untiled(z)
+
+    def decode_untiled(self, z: torch.Tensor) -> torch.Tensor:
         z = z.to(self.decoder.conv_in.weight.dtype)  # posterior samples are float32; weights may be bf16
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
