@@ -247,8 +247,8 @@ class Pipeline:
         the sampler stays fp32; images then differ slightly from fp32 ones). decoder: "full" or "fast" (`decode`).
         distilled: sample with the guidance-distilled denoiser (one network row per image and step); `guidance`
         must then be the setting it was distilled at (`distilled_guidance`). distilled="onestep": its one-step
-        student (`ldmkit train distill --set one_step_from=N`; sample it with steps=1). `on_batch(images)` is called
-        with each finished batch (the CLI keeps them when it is interrupted)."""
+        student (`ldmkit train distill --set one_step_from=N`; sample it with steps=1). `on_batch(images)`: called
+        with each finished batch."""
         self._decoder(decoder)  # fail before sampling
         backbone = self.backbone
         if distilled:

