@@ -243,8 +243,7 @@ class Pipeline:
                  decoder: str = "full", distilled: bool | str = False, on_batch=None) -> np.ndarray:
         """One image per entry of `prompts` (rows in order; image i seeded by (seed, i)) -> uint8 NHWC.
         Images do not change with `batch_size`; `micro_batch` (rows per network call) may change their last bits.
-        precision "bf16" runs the denoiser and decoder under bf16 autocast (faster on CPUs with AVX512-BF16/AMX;
-        the sampler stays fp32; images then differ slightly from fp32 ones). decoder: "full" or "fast" (`decode`).
+        precision "bf16": denoiser and decoder under bf16 autocast, the sampler in fp32. decoder: "full" or "fast".
         distilled: sample with the guidance-distilled denoiser (one network row per image and step); `guidance`
         must then be the setting it was distilled at (`distilled_guidance`). distilled="onestep": its one-step
         student (`ldmkit train distill --set one_step_from=N`; sample it with steps=1). `on_batch(images)`: called
