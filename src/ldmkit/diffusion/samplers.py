@@ -22,6 +22,7 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from ldmkit.nn import per_example
 from ldmkit.seeding import Generators, randn
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -204,6 +205,75 @@ def euler_ancestral(denoise: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *,
     return x
 
 
+# ------------------------------------------------------------------------------- score-SDE (Song et al. 2021)
+# The denoiser gives the score: grad_x log p_sigma(x) = (x0_hat - x) / sigma^2 in sigma space (Tweedie).
+
+
+def _score(denoise: Denoiser, x: torch.Tensor, sigma: float) -> torch.Tensor:
+    return (_denoise(denoise, x, sigma) - x) / sigma**2
+
+
+@torch.no_grad()
+def sde_ve(denoise: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, generator: Generators = None,
+           progress: bool = False) -> torch.Tensor:
+    """Euler-Maruyama on the reverse-time VE SDE dx = -d[sigma^2] score + sqrt(d[sigma^2]) dw (Song et al. 2021,
+    eq. 6 with f = 0, g^2 = d[sigma^2]/dt; their "reverse diffusion" predictor): x_next = x + (s^2 - s_next^2)
+    score + sqrt(s^2 - s_next^2) z. The last step (to sigma = 0) returns the denoiser's mean x0_hat, as is usual."""
+    s = _check(x, sigmas)
+    for i in _steps(len(s) - 1, progress, "sde"):
+        if math.isinf(s[i]) or s[i + 1] == 0:  # pure-noise start or the final step: the first-order mean
+            x0 = _denoise(denoise, x, s[i])
+            x = x0 + s[i + 1] * _eps(x, x0, s[i])
+            continue
+        g2 = s[i] ** 2 - s[i + 1] ** 2  # g^2 dt over the step
+        x = x + g2 * _score(denoise, x, s[i]) + math.sqrt(g2) * randn(x.shape, generator, x.device, x.dtype)
+    return x
+
+
+@torch.no_grad()
+def sde_vp(denoise: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, generator: Generators = None,
+           progress: bool = False) -> torch.Tensor:
+    """The reverse-time VP SDE dy = [-beta/2 y - beta score_y] dt + sqrt(beta) dw on y = x / sqrt(1 + sigma^2),
+    discretised as Song et al. 2021's reverse-diffusion predictor (their eq. 45 form): with a = 1 / (1 + sigma^2)
+    and beta = 1 - a / a_next over the step, y_next = (2 - sqrt(1 - beta)) y + beta score_y + sqrt(beta) z, where
+    score_y = (sqrt(a) x0_hat - y) / (1 - a). The same marginals as `sde_ve` in sigma space, another path."""
+    s = _check(x, sigmas)
+    for i in _steps(len(s) - 1, progress, "sde-vp"):
+        if math.isinf(s[i]) or s[i + 1] == 0:
+            x0 = _denoise(denoise, x, s[i])
+            x = x0 + s[i + 1] * _eps(x, x0, s[i])
+            continue
+        a, a_next = 1 / (1 + s[i] ** 2), 1 / (1 + s[i + 1] ** 2)
+        beta = 1 - a / a_next
+        y = x * math.sqrt(a)
+        score_y = (math.sqrt(a) * _denoise(denoise, x, s[i]) - y) / (1 - a)
+        y = (2 - math.sqrt(1 - beta)) * y + beta * score_y + math.sqrt(beta) * randn(x.shape, generator, x.device,
+                                                                                      x.dtype)
+        x = y / math.sqrt(a_next)
+    return x
+
+
+@torch.no_grad()
+def pc(denoise: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, snr: float = 0.16, corrector_steps: int = 1,
+       generator: Generators = None, progress: bool = False) -> torch.Tensor:
+    """Predictor-corrector sampling (Song et al. 2021, Algorithms 2 and 4): at each noise level `corrector_steps`
+    Langevin steps x <- x + e score + sqrt(2 e) z with e = 2 (snr |z| / |score|)^2, then the `sde_ve` predictor
+    to the next level. Norms are per example (the paper takes the batch mean), so a sample never depends on the
+    rest of its batch; with one example both agree."""
+    if snr <= 0 or corrector_steps < 0:
+        raise ValueError(f"pc needs snr > 0 and corrector_steps >= 0, got {snr}, {corrector_steps}")
+    s = _check(x, sigmas)
+    for i in _steps(len(s) - 1, progress, "pc"):
+        for _ in range(corrector_steps if math.isfinite(s[i]) and s[i] > 0 else 0):
+            g = _score(denoise, x, s[i])
+            z = randn(x.shape, generator, x.device, x.dtype)
+            ratio = z.flatten(1).norm(dim=1) / g.flatten(1).norm(dim=1).clamp_min(1e-12)
+            e = per_example(2 * (snr * ratio) ** 2, x)  # step size per example
+            x = x + e * g + (2 * e).sqrt() * z
+        x = sde_ve(denoise, x, sigmas[i:i + 2], generator=generator)
+    return x
+
+
 SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "ddpm": ddpm,
     "ddim": ddim,
@@ -211,6 +281,9 @@ SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "heun": heun,
     "dpmpp-2m": dpmpp_2m,
     "euler-ancestral": euler_ancestral,
+    "sde": sde_ve,
+    "sde-vp": sde_vp,
+    "pc": pc,
 }
 
 
