@@ -12,6 +12,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -130,7 +131,8 @@ def load_state(path: str | os.PathLike, expect: Iterable[str] = ()) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"{path} could not be loaded as plain resume state ({str(e).splitlines()[0][:200]}); "
+        why = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines()[0][:200]  # without terminal colours
+        raise ValueError(f"{path} could not be loaded as plain resume state ({why}); "
                          "it is damaged or not ldmkit's: restore it or start fresh without --resume") from None
     if not isinstance(state, dict):
         raise ValueError(f"{path} holds a {type(state).__name__}, not resume state; restore it or start fresh")
