@@ -243,4 +243,4 @@ def test_kernel_distance_is_the_unbiased_mmd_with_the_cubic_kernel():
     same = kernel_distance(rng.normal(size=(400, 8)), rng.normal(size=(400, 8)), subsets=10, subset_size=200)[0]
     shifted = kernel_distance(rng.normal(size=(400, 8)), rng.normal(size=(400, 8)) + 0.5, subsets=10,
                               subset_size=200)[0]
-    assert abs(same) < 0.01 < shifted
+    assert abs(same) < 0.1 and shifted > 0.5  # measured: ~0.03 (std 0.025 over subsets) and ~0.9
