@@ -54,10 +54,17 @@ def test_fast_decoder_trains_and_decodes_a_pipelines_samples(tiny_pipeline, tmp_
     assert np.array_equal(runs["fast"]["images"], runs["fast2"]["images"])
     assert not np.array_equal(runs["fast"]["images"], runs["full"]["images"])
     assert str(runs["fast"]["decoder"]) == "fast"
-    # bound to its autoencoder: a changed hash in the fast decoder's config fails the load
+    # bound to its autoencoder: a changed hash in the fast decoder's config fails the load (the config hash first;
+    # with pipeline.json updated to the edited config, the recorded parent hash)
     cfg["autoencoder_sha256"] = "0" * 16
     (out / "fast-decoder" / "config.json").write_text(json.dumps(cfg))
     from ldmkit.pipeline import Pipeline
+    from ldmkit.stages import config_hash
+    with pytest.raises(ValueError, match="fast-decoder stage's config was edited"):
+        Pipeline.load(out)
+    spec = json.loads((out / "pipeline.json").read_text())
+    spec["stages"]["fast-decoder"]["config_sha256"] = config_hash(out / "fast-decoder")
+    (out / "pipeline.json").write_text(json.dumps(spec))
     with pytest.raises(ValueError, match="fast decoder .* trained for another autoencoder"):
         Pipeline.load(out)
 
