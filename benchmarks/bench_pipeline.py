@@ -11,10 +11,11 @@ inpainting checks on real test images; and images per second at 20 steps with CF
 real-image floor and the evaluation classifier's weight hash, with the machine's load average.
 
 Shapes (the pipeline's data is "shapes", or `--judge` is given: shapes exported with `ldmkit data export` and
-trained as an image folder, at any resolution; samples are averaged down to the judge's 32 pixels): 1,000 canonical captions of scenes whose shape-colour pair was seen in
-training and 1,000 of held-out pairs, sampled at the preset's guidance; the shapes judge (`ldmkit train
-shapes-judge`, trained on generated scenes only) reads shape, colour and position of every sample, and of the
-pipeline autoencoder's reconstructions of the same scenes (the ceiling the latent space sets).
+trained as an image folder, at any resolution; samples are averaged down to the judge's 32 pixels): 1,000 canonical
+captions of scenes whose shape-colour pair was seen in training and 1,000 of held-out pairs, sampled at the
+preset's guidance; the shapes judge (`ldmkit train shapes-judge`, trained on generated scenes only) reads shape,
+colour and position of every sample, and of the pipeline autoencoder's reconstructions of the same scenes (the
+ceiling the latent space sets).
 """
 
 from __future__ import annotations
