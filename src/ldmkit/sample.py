@@ -26,7 +26,7 @@ from ldmkit.checkpoint import regular_file, write_bytes
 from ldmkit.data import parse_class
 from ldmkit.data.folder import read_image
 from ldmkit.diffusion.samplers import SAMPLERS
-from ldmkit.guidance.cfg import APG_DEFAULTS, APGConfig
+from ldmkit.guidance.cfg import APG_DEFAULTS, APGConfig, Guidance
 from ldmkit.images import grid, save_png
 from ldmkit.pipeline import Pipeline
 
@@ -187,11 +187,9 @@ def attach_negative_numbers(argv: list[str], parser: argparse.ArgumentParser) ->
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(attach_negative_numbers(list(sys.argv[1:] if argv is None else argv), parser))
-    check_args(args)
-    pipe = Pipeline.load(args.pipeline)
+def settings_for(args, pipe: Pipeline) -> tuple[Guidance, dict, dict]:
+    """The guidance, the `generate` keywords and the settings recorded in the npz, from parsed (and checked)
+    arguments: the one place the CLI and the web UI turn options into a sampling call."""
     distilled = "onestep" if args.one_step else args.distilled
     g = pipe.guidance(args.guidance, rescale=args.guidance_rescale, distilled=bool(distilled),
                       mode=args.guidance_mode, interval=args.guidance_interval, negative_prompt=args.negative_prompt,
@@ -199,34 +197,64 @@ def main(argv: list[str] | None = None) -> int:
                       apg=APGConfig(args.apg_eta, args.apg_momentum, args.apg_threshold))
     sampler = args.sampler or pipe.defaults["sampler"]
     steps = args.steps or (1 if args.one_step else pipe.defaults["steps"])
-    rows = [p for p in args.prompt for _ in range(args.num)]
-    done: list[np.ndarray] = []  # finished batches: written out if the run is interrupted
     kw = dict(steps=steps, sampler=sampler, seed=args.seed, batch_size=args.batch_size, micro_batch=args.micro_batch,
-              precision=args.precision, decoder=args.decoder, progress=not args.no_progress, on_batch=done.append)
-    labels = labels_for(rows, pipe.spec.get("classes"))
-    if args.class_label is not None:  # the class the images were guided toward
-        labels[:] = args.class_label
+              precision=args.precision, decoder=args.decoder, progress=not args.no_progress)
     settings = dict(guidance=g.scale, sampler=sampler, steps=int(steps), seed=int(args.seed),
                     guidance_rescale=g.rescale, decoder=args.decoder,
                     distilled="onestep" if args.one_step else ("guidance" if args.distilled else "none"),
                     **({"edit": "inpaint" if args.mask else "img2img", "strength": float(args.strength)}
                        if args.init_image else {}))
+    return g, kw, settings
+
+
+def rows_and_labels(args, pipe: Pipeline) -> tuple[list[str], np.ndarray]:
+    """The prompt of each output row (`--num` per prompt, in order) and the class it names or was guided toward."""
+    rows = [p for p in args.prompt for _ in range(args.num)]
+    labels = labels_for(rows, pipe.spec.get("classes"))
+    if args.class_label is not None:
+        labels[:] = args.class_label
+    return rows, labels
+
+
+def generate(args, pipe: Pipeline, on_batch=None) -> tuple[np.ndarray, list[str], np.ndarray, dict]:
+    """(images, prompt of each row, class label of each row, settings) for parsed and checked arguments."""
+    g, kw, settings = settings_for(args, pipe)
+    distilled = "onestep" if args.one_step else args.distilled
+    rows, labels = rows_and_labels(args, pipe)
+    if args.init_image is None:
+        images = pipe(args.prompt, args.num, guidance=g, class_label=args.class_label, distilled=distilled,
+                      on_batch=on_batch, **kw)
+    else:
+        init, mask = read_edit_inputs(args, pipe, len(rows))
+        if g.classifier_scale:
+            kw["class_labels"] = pipe.class_labels(rows, args.class_label)
+        images = (pipe.img2img(init, rows, strength=args.strength, guidance=g, on_batch=on_batch, **kw)
+                  if mask is None else pipe.inpaint(init, mask, rows, guidance=g, on_batch=on_batch, **kw))
+    return images, rows, labels, settings
+
+
+def parse_args(argv: list[str]):
+    """Parsed and checked `ldmkit sample` arguments (ValueError / OSError on a bad value)."""
+    parser = build_parser()
+    args = parser.parse_args(attach_negative_numbers(list(argv), parser))
+    check_args(args)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    pipe = Pipeline.load(args.pipeline)
+    done: list[np.ndarray] = []  # finished batches: written out if the run is interrupted
     try:
         with sigterm_as_interrupt(), output_lock(Path(args.out)):
-            if args.init_image is None:
-                images = pipe(args.prompt, args.num, guidance=g, class_label=args.class_label, distilled=distilled,
-                              **kw)
-            else:
-                init, mask = read_edit_inputs(args, pipe, len(rows))
-                if g.classifier_scale:
-                    kw["class_labels"] = pipe.class_labels(rows, args.class_label)
-                images = (pipe.img2img(init, rows, strength=args.strength, guidance=g, **kw) if mask is None
-                          else pipe.inpaint(init, mask, rows, guidance=g, **kw))
+            images, rows, labels, settings = generate(args, pipe, on_batch=done.append)
     except KeyboardInterrupt:
         if not done:
             raise KeyboardInterrupt("interrupted before the first batch finished; nothing written") from None
         n = sum(len(b) for b in done)
-        save_samples(args.out, np.concatenate(done), rows[:n], labels[:n], complete=False, **settings)
+        rows, labels = rows_and_labels(args, pipe)
+        save_samples(args.out, np.concatenate(done), rows[:n], labels[:n], complete=False,
+                     **settings_for(args, pipe)[2])
         raise KeyboardInterrupt(f"interrupted: the first {n} of {len(rows)} images are in {args.out} "
                                 "(complete=False); rerun the command for all of them") from None
     save_samples(args.out, images, rows, labels, **settings)
