@@ -3,7 +3,8 @@
 #  - keeps any torch >= 2.4 already in .venv (GPU users: install your CUDA/ROCm torch into .venv first);
 #    otherwise installs torch==2.13.0 (a CPU build here); every later pip call is pinned to the installed torch
 #    through .venv/constraints.txt, so nothing can swap it for a multi-GB CUDA build.
-#  - installs Fashion-MNIST from Debian's dataset-fashion-mnist when possible (root + apt-get).
+#  - installs Fashion-MNIST from Debian's dataset-fashion-mnist when possible (root + apt-get), and for the test
+#    suite Debian's chromium (the web UI's browser tests drive it; no browser is downloaded).
 #  - quick when nothing changed (a stamp keyed by pyproject.toml and the extras).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,7 +36,7 @@ fi
 echo "torch==$tv" > "$VENV/constraints.txt"
 
 extras=""
-[ "$mode" = test ] && extras="[test,minilm]"
+[ "$mode" = test ] && extras="[test,minilm,serve]"
 stamp="$VENV/.ldmkit-setup-$mode"
 want="$(cat pyproject.toml "$VENV/constraints.txt" | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! "$VENV/bin/python" -c 'import ldmkit' 2>/dev/null; then
@@ -55,4 +56,14 @@ if [ ! -f "$fm/train-images-idx3-ubyte.gz" ]; then
   [ -f "$fm/train-images-idx3-ubyte.gz" ] || log "Fashion-MNIST not installed: put train-images-idx3-ubyte.gz, \
 train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz in a folder and pass \
 --data-dir FOLDER (or set LDMKIT_FASHION_MNIST=FOLDER); the generated shapes dataset works without files"
+fi
+
+if [ "$mode" = test ] && ! command -v chromium >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    log "installing Debian's chromium (browser tests of the web UI)"
+    (DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1 \
+      || { apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }) \
+      || log "could not install chromium"
+  fi
+  command -v chromium >/dev/null || log "chromium not installed: the web UI's browser tests skip (fail under CI=true)"
 fi

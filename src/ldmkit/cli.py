@@ -36,6 +36,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("eval",): ("ldmkit.eval.score:main", "score an npz of images with the evaluation classifier (acc, FD, P/R)"),
     ("sample",): ("ldmkit.sample:main", "generate images from prompts with a pipeline directory"),
     ("export",): ("ldmkit.export:main", "copy a pipeline for sharing: weights only (bf16 or fp32), hashes rebound"),
+    ("serve",): ("ldmkit.serve:main", "a local web UI: text to image, edits, a look inside the latent space"),
     ("demo",): ("ldmkit.demo:main", "the lecture on the bundled pipelines: an HTML report with every stage at work"),
 }
 

@@ -88,16 +88,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def read_native(path: Path, pipe: Pipeline, channels: int | None = None) -> np.ndarray:
+    """An image file resized and centre-cropped to the pipeline's size, cut to its native box: uint8 (h, w, C)."""
+    _, _, h, w = pipe.crop_box
+    img, _ = read_image(Path(path), max(h, w), channels or pipe.spec["image"]["channels"], (0, 0, 0))
+    return img.transpose(1, 2, 0)[:h, :w]
+
+
 def read_edit_inputs(args, pipe: Pipeline, rows: int) -> tuple[np.ndarray, np.ndarray | None]:
     """--init-image (and --mask) at the pipeline's native size, repeated for every output row."""
-    _, _, h, w = pipe.crop_box
-    channels = pipe.spec["image"]["channels"]
-    img, _ = read_image(Path(args.init_image), max(h, w), channels, (0, 0, 0))
-    img = img.transpose(1, 2, 0)[:h, :w]  # (h, w, C)
+    img = read_native(args.init_image, pipe)
     mask = None
     if args.mask is not None:
-        m, _ = read_image(Path(args.mask), max(h, w), 1, (0, 0, 0))
-        mask = np.repeat((m[0, :h, :w] > 127).astype(np.float32)[None], rows, 0)
+        m = read_native(args.mask, pipe, channels=1)[..., 0]
+        mask = np.repeat((m > 127).astype(np.float32)[None], rows, 0)
         if not mask.any():
             raise ValueError(f"--mask {args.mask} has no white pixel: nothing to inpaint (white = regenerate)")
     return np.repeat(img[None], rows, 0), mask

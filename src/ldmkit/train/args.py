@@ -25,6 +25,9 @@ def train_parser(prog: str, description: str, presets: Mapping[str, object], def
                        help="fashion-mnist | shapes | folder:PATH; auto = fashion-mnist if installed, else shapes")
         p.add_argument("--data-dir", default=None, help="folder with the four Fashion-MNIST idx .gz files")
         p.add_argument("--skip-bad", action="store_true", help="folder data: warn and skip unreadable files")
+        p.add_argument("--image-size", type=int, default=None, metavar="S",
+                       help="training resolution (folders and shapes); default: 64 for a *-64 preset, the "
+                       "autoencoder's for stages trained on one (--autoencoder), else 32")
     if preset_by_data is None:
         p.add_argument("--preset", default=default_preset, choices=sorted(presets), help="named configuration")
     else:
@@ -62,10 +65,28 @@ def resolve_data(spec: str, data_dir: str | None = None) -> str:
     return default_spec(data_dir)
 
 
+def image_size_of(args) -> int:
+    """--image-size, or the size the preset or the autoencoder (--autoencoder) implies; a mismatch is refused."""
+    implied, source = None, None
+    if getattr(args, "autoencoder", None):
+        from ldmkit.stages import stage_config  # local: stages imports the model packages
+        implied = stage_config(args.autoencoder, "autoencoder").get("data_options", {}).get("image_size")
+        source = f"the autoencoder in {args.autoencoder}"
+    elif str(getattr(args, "preset", "")).endswith("-64"):
+        implied, source = 64, f"--preset {args.preset}"
+    if args.image_size is not None and implied is not None and args.image_size != implied:
+        raise ValueError(f"--image-size {args.image_size} differs from the {implied} pixels of {source}; drop "
+                         "--image-size or train on an autoencoder of that size")
+    size = args.image_size or implied or 32
+    if not 8 <= size <= 1024:
+        raise ValueError(f"--image-size {size} must lie in 8..1024 pixels")
+    return size
+
+
 def load_data(args, split: str = "train"):
-    """The dataset named by --data / --data-dir / --skip-bad (data_dir only applies to fashion-mnist)."""
+    """The dataset named by --data / --data-dir / --skip-bad / --image-size (data_dir only for fashion-mnist)."""
     spec = resolve_data(args.data, args.data_dir)
-    kw = {}
+    kw = {"image_size": image_size_of(args)}
     if spec == "fashion-mnist":
         kw["data_dir"] = args.data_dir
     elif args.data_dir is not None:
