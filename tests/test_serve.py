@@ -195,3 +195,51 @@ def test_serve_refuses_bad_options_in_one_line():
                            cwd=ROOT, timeout=120)
         assert r.returncode == 2, (argv, r.stderr)
         assert msg in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    return serve.App(serve.Pipelines({"fashion-mnist": FASHION}), serve.Limits(), tmp_path_factory.mktemp("serve"))
+
+
+def test_edit_tab_equals_cli_sdedit_and_inpaint(app, tmp_path):
+    """The Edit tab's images equal `ldmkit sample --init-image [--mask]` on the same files and settings."""
+    from ldmkit.sample import main as sample_main
+    test = app.test_image("fashion-mnist")
+    with Image.open(test) as im:
+        img = np.asarray(im.convert("RGBA"))
+    layer = np.zeros_like(img)
+    layer[:, :10, 3] = 255  # drawn over the left columns: inpaint there
+    for layers, extra in (([], []), ([layer], ["--mask"])):
+        files, downloads, info = app.edit("fashion-mnist", {"background": img, "layers": layers}, "a photo of a bag",
+                                          0.6, 3.0, 6, 3, 2)
+        shown = np.stack([png_pixels(Path(f).read_bytes()) for f, _ in files[1:]])
+        folder = Path(files[0][0]).parent
+        cmd = [str(FASHION), "--prompt", "a photo of a bag", "--num", "2", "--seed", "3", "--steps", "6",
+               "--guidance", "3.0", "--strength", "0.6", "--init-image", str(folder / "input.png"),
+               "--out", str(tmp_path / "cli.npz"), "--no-progress"]
+        if extra:
+            cmd += ["--mask", str(folder / "mask.png")]
+            assert "inpainted" in info
+        else:
+            assert "SDEdit" in info
+        sample_main(cmd)
+        assert np.array_equal(shown, np.load(tmp_path / "cli.npz")["images"])
+        assert np.array_equal(np.load(downloads[1])["images"], shown)
+
+
+def test_look_inside_reconstruction_interpolation_and_captions(app):
+    a, b = app.test_image("fashion-mnist"), app.test_image("fashion-mnist")
+    pair, latent_png, info = app.reconstruct("fashion-mnist", a)
+    assert "latent 4 x 8 x 8" in info and "PSNR" in info and Path(latent_png).is_file()
+    recon = png_pixels(Path(pair[1][0]).read_bytes())
+    frames = app.interpolate("fashion-mnist", a, b, 4)
+    assert len(frames) == 4
+    # t = 0 decodes the first image's own latent: its reconstruction
+    assert np.array_equal(png_pixels(Path(frames[0][0]).read_bytes()), recon)
+    ranked = app.closest_captions("fashion-mnist", a)
+    assert len(ranked) == 5 and all(0 <= p <= 1 for p in ranked.values())
+    with pytest.raises(ValueError, match="frames 11 is outside 2..10"):
+        app.interpolate("fashion-mnist", a, b, 11)
+    with pytest.raises(ValueError, match="choose an image first"):
+        app.reconstruct("fashion-mnist", None)

@@ -33,6 +33,8 @@ def to_uint8_nhwc(x: torch.Tensor) -> np.ndarray:
 
 def from_uint8_nhwc(x: np.ndarray | torch.Tensor) -> torch.Tensor:
     """(N, H, W, C) uint8 -> (N, C, H, W) floats in [-1, 1]."""
+    if isinstance(x, np.ndarray) and not x.flags.writeable:
+        x = x.copy()  # torch refuses to share read-only memory
     return to_float(torch.as_tensor(np.asarray(x)).permute(0, 3, 1, 2))
 
 

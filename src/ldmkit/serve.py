@@ -36,6 +36,7 @@ VARIANTS = {"full denoiser": [], "fast decoder": ["--decoder", "fast"], "guidanc
             "one-step student": ["--one-step"]}
 CSS = """
 .pixelated img, img.pixelated { image-rendering: pixelated; }
+.bigimg img { image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain; }
 """
 
 
@@ -246,6 +247,10 @@ class App:
         save_png(img, path)
         return str(path)
 
+    def test_image_to_edit(self, name) -> dict:
+        path = self.test_image(name)
+        return {"background": path, "layers": [], "composite": path}
+
     def reconstruct(self, name, image_path):
         import torch
         if not image_path:
@@ -308,7 +313,7 @@ class App:
             ft = torch.cat([torch.nn.functional.normalize(clip.encode_prompts(captions[i:i + 256]), dim=-1)
                             for i in range(0, len(captions), 256)])
             sims = (fi @ ft.T)[0]
-            probs = torch.softmax(clip.logit_scale * sims, 0)
+            probs = torch.softmax(clip.logit_scale() * sims, 0)
         best = torch.argsort(sims, descending=True)[:k].tolist()
         return {f"{captions[i]}  (cos {float(sims[i]):.3f})": float(probs[i]) for i in best}
 
@@ -446,7 +451,8 @@ def build_app(pipes: Pipelines, limits: Limits, workdir: Path):
                     editor = gr.ImageEditor(label="Image (draw on it to inpaint there; no drawing = SDEdit)",
                                             type="numpy", image_mode="RGBA", sources=["upload"],
                                             brush=gr.Brush(colors=["#ff00ff"], color_mode="fixed"),
-                                            elem_id="editor")
+                                            canvas_size=(256, 256), fixed_canvas=True, elem_id="editor")
+                    e_test = gr.Button("A test image")
                     e_prompt = gr.Textbox(label="Prompt", value=example_prompt(first))
                     strength = gr.Slider(0.05, 1, value=0.6, step=0.05, label="Strength (SDEdit: how much of the "
                                          "noise schedule is rerun)")
@@ -460,12 +466,13 @@ def build_app(pipes: Pipelines, limits: Limits, workdir: Path):
                     e_images = gallery(label="Input and results")
                     e_files = gr.File(label="Download (PNG grid, npz)", file_count="multiple")
                     e_info = gr.Markdown()
+            e_test.click(user_errors(app.test_image_to_edit), [name], [editor])
             e_go.click(user_errors(app.edit), [name, editor, e_prompt, strength, e_guidance, e_steps, e_seed, e_num],
                        [e_images, e_files, e_info], concurrency_id="sampling", api_name="edit")
         with gr.Tab("Look inside"):
             with gr.Row():
                 with gr.Column():
-                    img_a = gr.Image(label="Image", type="filepath", elem_classes="pixelated", height=220)
+                    img_a = gr.Image(label="Image", type="filepath", elem_classes="bigimg", height=220)
                     test_a = gr.Button("A test image")
                     with gr.Row():
                         recon_go = gr.Button("Encode and decode", variant="primary")
@@ -473,12 +480,12 @@ def build_app(pipes: Pipelines, limits: Limits, workdir: Path):
                 with gr.Column():
                     recon = gallery(label="Input and reconstruction", columns=2, height=260)
                     latent = gr.Image(label="Latent channels (each scaled to its own range)", type="filepath",
-                                      elem_classes="pixelated", height=200)
+                                      elem_classes="bigimg", height=200)
                     recon_info = gr.Markdown()
                     captions = gr.Label(num_top_classes=5, label="Closest captions by the CLIP image tower")
             with gr.Row():
                 with gr.Column():
-                    img_b = gr.Image(label="Second image (interpolation)", type="filepath", elem_classes="pixelated",
+                    img_b = gr.Image(label="Second image (interpolation)", type="filepath", elem_classes="bigimg",
                                      height=220)
                     test_b = gr.Button("A test image")
                     frames = gr.Slider(2, limits.max_frames, value=min(8, limits.max_frames), step=1,
