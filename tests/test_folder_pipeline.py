@@ -70,3 +70,26 @@ def test_bad_folders_end_in_one_line(tmp_path, capsys, case):
     want = {"empty": "no usable captioned images", "missing-caption": "lonely.png",
             "too-small-for-test": "too few to hold out a test split", "bad-size": "--image-size 48"}[case]
     assert want in err[0]
+
+
+def test_stage_commands_take_the_image_size_of_the_preset_or_autoencoder(tmp_path):
+    """`--data` and the resolution mean the same in every stage command: a *-64 preset trains at 64 pixels, a stage
+    on an autoencoder at the autoencoder's size, and a contradicting --image-size is refused by name."""
+    import argparse
+
+    from ldmkit.train.args import image_size_of
+    ns = argparse.Namespace
+    assert image_size_of(ns(image_size=None, preset="folder-64")) == 64
+    assert image_size_of(ns(image_size=None, preset="folder")) == 32
+    assert image_size_of(ns(image_size=48, preset="folder")) == 48
+    with pytest.raises(ValueError, match="--image-size 32 differs from the 64 pixels of --preset folder-64"):
+        image_size_of(ns(image_size=32, preset="folder-64"))
+    ae = tmp_path / "ae"
+    ae.mkdir()
+    (ae / "config.json").write_text(json.dumps({"stage": "autoencoder", "data_options": {"image_size": 64}}))
+    (ae / "model.safetensors").write_bytes(b"")
+    assert image_size_of(ns(image_size=None, preset="fashion-mnist", autoencoder=str(ae))) == 64
+    with pytest.raises(ValueError, match=f"differs from the 64 pixels of the autoencoder in {ae}"):
+        image_size_of(ns(image_size=32, preset="fashion-mnist", autoencoder=str(ae)))
+    with pytest.raises(ValueError, match="--image-size 4 must lie in 8..1024"):
+        image_size_of(ns(image_size=4, preset="folder"))
