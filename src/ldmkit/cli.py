@@ -33,6 +33,8 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("clip", "eval"): ("ldmkit.eval.clip_cli:eval_main", "zero-shot accuracy and retrieval recall of a CLIP stage"),
     ("clip", "embed"): ("ldmkit.eval.clip_cli:embed_main", "print CLIP text embeddings of prompts"),
     ("clip", "score"): ("ldmkit.eval.clip_cli:score_main", "CLIP score of an npz of generated images"),
+    ("eval", "implicit-classifier"): ("ldmkit.eval.implicit_classifier:main",
+                                      "zero-shot accuracy of the classifier CFG implicitly follows (Bayes' rule)"),
     ("eval",): ("ldmkit.eval.score:main", "score an npz of images with the evaluation classifier (acc, FD, P/R)"),
     ("sample",): ("ldmkit.sample:main", "generate images from prompts with a pipeline directory"),
     ("export",): ("ldmkit.export:main", "copy a pipeline for sharing: weights only (bf16 or fp32), hashes rebound"),
