@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ldmkit import report as R
+from ldmkit.autoencoder import interpolate, sample_prior
 from ldmkit.checkpoint import read_json, write_bytes, write_json
 from ldmkit.data import FASHION_CLASSES, fashion_prompt
 from ldmkit.data.fashion import fashion_uint8
@@ -33,7 +34,6 @@ from ldmkit.eval.metrics import psnr
 from ldmkit.eval.score import load_eval_classifier
 from ldmkit.export import export
 from ldmkit.pipeline import Pipeline
-from ldmkit.seeding import example_generators, randn
 from ldmkit.stages import find_pipeline
 from ldmkit.train.pipeline import PRESETS, train_pipeline
 
@@ -68,11 +68,11 @@ def latent_space(pipe: Pipeline, test: np.ndarray, labels: np.ndarray, n: int) -
              "latent_mean": float(z.mean()), "latent_std": float(z.std()),
              "per_channel_mean_std": per_channel, "compression": test[0].size / z[0].numel()}
     pairs = [np.concatenate([test[i], rec[i]], axis=1) for i in range(12)]
-    prior = pipe.decode(randn((12, *pipe.latent_shape), example_generators(0, range(12))))
+    prior = pipe.decode(sample_prior(12, pipe.latent_shape))
     a, b = int(np.flatnonzero(labels == 7)[0]), int(np.flatnonzero(labels == 8)[0])  # a sneaker and a bag
     ts = np.linspace(0, 1, 9)
     za, zb = pipe.encode_images(test[[a, b]])
-    lat = pipe.decode(torch.stack([(1 - t) * za + t * zb for t in ts]).float())
+    lat = pipe.decode(interpolate(za, zb, len(ts)).float())
     pix = [((1 - t) * test[a].astype(np.float64) + t * test[b]).round().astype(np.uint8) for t in ts]
     rows = [[f"{i}", f"{db[i]:.1f} dB"] for i in range(12)]
     html = (f"<p>The autoencoder compresses a 28x28 image (32x32 with padding) to a {'x'.join(map(str, z.shape[1:]))}"

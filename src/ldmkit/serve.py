@@ -277,6 +277,8 @@ class App:
 
     def interpolate(self, name, path_a, path_b, frames):
         import torch
+
+        from ldmkit.autoencoder import interpolate
         frames = _num(frames, "frames")
         self.limits.check(frames=frames)
         if not path_a or not path_b:
@@ -285,8 +287,8 @@ class App:
         x = np.concatenate([self._native(pipe, path_a), self._native(pipe, path_b)])
         with torch.no_grad():
             z = pipe.encode_images(x)
-            t = torch.linspace(0, 1, frames).view(-1, 1, 1, 1)
-            images = pipe.decode((1 - t) * z[:1] + t * z[1:])
+            images = pipe.decode(interpolate(z[0], z[1], frames))
+        t = np.linspace(0, 1, frames)
         out = self._request_dir()
         files = []
         for i, img in enumerate(images):

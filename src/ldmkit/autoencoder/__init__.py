@@ -2,7 +2,14 @@
 
 from ldmkit.autoencoder.discriminator import DiscriminatorConfig, NLayerDiscriminator
 from ldmkit.autoencoder.featnet import FeatNet, FeatNetConfig, load_featnet, save_featnet, train_featnet
-from ldmkit.autoencoder.latents import encode_dataset, estimate_scale_factor, load_latent_cache, save_latent_cache
+from ldmkit.autoencoder.latents import (
+    encode_dataset,
+    estimate_scale_factor,
+    interpolate,
+    load_latent_cache,
+    sample_prior,
+    save_latent_cache,
+)
 from ldmkit.autoencoder.loss import (
                                      LossConfig,
                                      adaptive_gan_weight,
@@ -14,11 +21,12 @@ from ldmkit.autoencoder.loss import (
                                      init_output_logvar,
 )
 from ldmkit.autoencoder.lpips import LPIPS, VGG16Features, load_lpips_heads, load_vgg16, lpips_vgg16
-from ldmkit.autoencoder.posterior import DiagonalGaussian
+from ldmkit.autoencoder.posterior import DiagonalGaussian, PointPosterior
 from ldmkit.autoencoder.vae import PRESETS, AutoencoderConfig, AutoencoderKL
 
 __all__ = [
-    "AutoencoderConfig", "AutoencoderKL", "DiagonalGaussian", "PRESETS",
+    "AutoencoderConfig", "AutoencoderKL", "DiagonalGaussian", "PointPosterior", "PRESETS",
+    "sample_prior", "interpolate",
     "LossConfig", "generator_loss", "discriminator_loss", "adaptive_gan_weight", "disc_factor",
     "init_output_logvar", "build_discriminator", "build_perceptual",
     "DiscriminatorConfig", "NLayerDiscriminator",

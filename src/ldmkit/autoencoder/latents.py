@@ -31,6 +31,38 @@ def estimate_scale_factor(latents: torch.Tensor) -> float:
     return 1.0 / std
 
 
+def sample_prior(n: int, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
+    """n latents from the prior N(0, I) (in the scaled latent space the diffusion model sees), latent i seeded by
+    (seed, i). Decoded, they show what the KL term alone gives: a VAE's prior is where its latents live, but not
+    every point there is an image; the denoiser is what finds the images."""
+    from ldmkit.seeding import example_generators, randn  # local: seeding imports nothing from here
+    return randn((n, *shape), example_generators(seed, range(n)))
+
+
+def interpolate(za: torch.Tensor, zb: torch.Tensor, steps: int = 8, mode: str = "linear") -> torch.Tensor:
+    """`steps` latents from za to zb (both (c, h, w) or (1, c, h, w)), ends included: "linear" mixes them,
+    "slerp" follows the great circle (for N(0, I) latents a linear mix has too small a norm in between)."""
+    if steps < 2:
+        raise ValueError(f"interpolate needs steps >= 2 (the two ends), got {steps}")
+    if mode not in ("linear", "slerp"):
+        raise ValueError(f"interpolate mode={mode!r}; use 'linear' or 'slerp'")
+    a, b = za.reshape(-1).double(), zb.reshape(-1).double()
+    if a.shape != b.shape:
+        raise ValueError(f"latents of different shapes: {tuple(za.shape)} and {tuple(zb.shape)}")
+    t = torch.linspace(0, 1, steps, dtype=torch.float64)[:, None]
+    if mode == "linear":
+        out = (1 - t) * a + t * b
+    else:
+        cos = torch.dot(a, b) / (a.norm() * b.norm()).clamp_min(1e-12)
+        omega = torch.arccos(cos.clamp(-1, 1))
+        if float(omega) < 1e-6:  # parallel: slerp is the linear mix
+            out = (1 - t) * a + t * b
+        else:
+            out = (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / torch.sin(omega)
+    shape = za.shape[-3:]
+    return out.reshape(steps, *shape).to(za.dtype)
+
+
 def _batches(images: torch.Tensor | Iterable[torch.Tensor], batch_size: int):
     """(iterator over image batches, number of batches or None)."""
     if isinstance(images, torch.Tensor):

@@ -48,3 +48,30 @@ class DiagonalGaussian:
         """-log q(z | x) summed over latent elements, per example: (B,)."""
         sq = (z.float() - self.mean).square() / self.var
         return 0.5 * sum_flat(math.log(2.0 * math.pi) + self.logvar + sq)
+
+
+class PointPosterior:
+    """The "posterior" of a plain (deterministic) autoencoder: all mass on the encoder's output. Sampling returns
+    it, its variance is 0 (log-variance -inf, so cached moments draw exactly the mean) and there is no KL term: the
+    latent space is whatever reconstruction alone makes of it, the lecture's unstructured bottleneck."""
+
+    def __init__(self, mean: torch.Tensor):
+        if mean.ndim != 4:
+            raise ValueError(f"latents must be (B, c, h, w), got {tuple(mean.shape)}")
+        self.mean = mean.float()
+        self.logvar = torch.full_like(self.mean, float("-inf"))
+        self.std = torch.zeros_like(self.mean)
+        self.var = torch.zeros_like(self.mean)
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.mean
+
+    def mode(self) -> torch.Tensor:
+        return self.mean
+
+    def kl_per_channel(self) -> torch.Tensor:
+        """No prior is imposed: zeros (B, c)."""
+        return self.mean.new_zeros(self.mean.shape[:2])
+
+    def kl(self) -> torch.Tensor:
+        return self.mean.new_zeros(self.mean.shape[0])

@@ -71,4 +71,4 @@ def tiled_encode_moments(ae, x: torch.Tensor, tile: int = 64, overlap: int = 16)
     f = ae.cfg.downsample_factor
     if tile % f or overlap % f:
         raise ValueError(f"encoder tiles and overlaps must be multiples of the downsampling factor {f}")
-    return tiled_apply(ae.encode_moments, x, tile, overlap, 1 / f, 2 * ae.cfg.latent_channels)
+    return tiled_apply(ae.encode_moments, x, tile, overlap, 1 / f, ae.cfg.moment_channels)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldmkit.autoencoder.posterior import DiagonalGaussian
+from ldmkit.autoencoder.posterior import DiagonalGaussian, PointPosterior
 from ldmkit.autoencoder.tiling import tiled_decode, tiled_encode_moments
 from ldmkit.kernels import attention, group_norm, nearest_upsample_conv
 
@@ -40,6 +40,7 @@ class AutoencoderConfig:
     shift_factor: float | None = None  # latent shift subtracted before scaling (some diffusers VAEs); None = 0
     patch_size: int = 1  # p > 1: the encoder reads p x p pixel patches as channels (pixel_unshuffle) and the
     #                      decoder writes them (pixel_shuffle); the factor grows p-fold without a full-resolution level
+    variational: bool = True  # False: a plain autoencoder (the encoder outputs z itself, no sampling, no KL term)
 
     def __post_init__(self):
         if not self.block_out_channels:
@@ -59,6 +60,11 @@ class AutoencoderConfig:
     @property
     def downsample_factor(self) -> int:
         return self.patch_size * 2 ** (len(self.block_out_channels) - 1)
+
+    @property
+    def moment_channels(self) -> int:
+        """Channels the encoder outputs: mean and log-variance (VAE) or the latent itself (plain)."""
+        return (2 if self.variational else 1) * self.latent_channels
 
 
 def _norm(cfg: AutoencoderConfig, ch: int) -> nn.GroupNorm:
@@ -181,7 +187,7 @@ class Encoder(nn.Module):
         self.down_blocks = nn.ModuleList(levels)
         self.mid_block = MidBlock(cfg, ch[-1])
         self.conv_norm_out = _norm(cfg, ch[-1])
-        self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)  # double_z: mean and logvar
+        self.conv_out = nn.Conv2d(ch[-1], cfg.moment_channels, 3, padding=1)  # VAE: mean and logvar
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.patch_size > 1:
@@ -219,20 +225,21 @@ class Decoder(nn.Module):
 
 
 class AutoencoderKL(nn.Module):
-    """Encoder + diagonal Gaussian posterior + decoder; images in [-1, 1]."""
+    """Encoder + diagonal Gaussian posterior + decoder; images in [-1, 1]. With `variational=False` the same
+    network is a plain autoencoder (a point posterior)."""
 
     def __init__(self, cfg: AutoencoderConfig):
         super().__init__()
         self.cfg = cfg
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
-        c = cfg.latent_channels
-        self.quant_conv = nn.Conv2d(2 * c, 2 * c, 1) if cfg.use_quant_conv else None
+        c, m = cfg.latent_channels, cfg.moment_channels
+        self.quant_conv = nn.Conv2d(m, m, 1) if cfg.use_quant_conv else None
         self.post_quant_conv = nn.Conv2d(c, c, 1) if cfg.use_post_quant_conv else None
         self._tiling: tuple[int, int] | None = None  # (tile, overlap) in latent cells; see enable_tiling
 
-    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
-        """(B, C, H, W) image -> posterior over (B, c, H/f, W/f) latents."""
+    def encode(self, x: torch.Tensor) -> DiagonalGaussian | PointPosterior:
+        """(B, C, H, W) image -> posterior over (B, c, H/f, W/f) latents (a point mass for a plain autoencoder)."""
         if x.ndim != 4 or x.shape[1] != self.cfg.in_channels:
             raise ValueError(f"encode expects (B, {self.cfg.in_channels}, H, W) images, got {tuple(x.shape)}")
         f = self.cfg.downsample_factor
@@ -244,6 +251,8 @@ class AutoencoderKL(nn.Module):
             moments = tiled_encode_moments(self, x, tile[0] * f, tile[1] * f)
         else:
             moments = self.encode_moments(x)
+        if not self.cfg.variational:
+            return PointPosterior(moments)
         return DiagonalGaussian(moments, self.cfg.logvar_clamp)
 
     def encode_moments(self, x: torch.Tensor) -> torch.Tensor:

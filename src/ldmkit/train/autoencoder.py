@@ -104,6 +104,11 @@ PRESETS = {
                      min_lr_ratio=0.02),
         disc_warmup_steps=1120, stats_images=5000, eval_images=2000),
 }
+# The plain (deterministic) autoencoder beside the VAE: the same network and losses without sampling or KL, so the
+# two latent spaces can be compared (decoded N(0, I) draws, interpolations, how well a denoiser learns each)
+PRESETS["fashion-mnist-plain"] = dataclasses.replace(
+    PRESETS["fashion-mnist"], model=dataclasses.replace(PRESETS["fashion-mnist"].model, variational=False),
+    loss=dataclasses.replace(PRESETS["fashion-mnist"].loss, kl_weight=0.0))
 # Image folders at 32 pixels: the shapes preset (16x16x8 latents, proven on RGB scenes with small objects)
 PRESETS["folder"] = PRESETS["shapes"]
 # At 64: 2x2 pixel patches as channels, so the levels run at 32x32 and 16x16 as at 32 pixels; the loss and the
