@@ -111,13 +111,11 @@ PRESETS["fashion-mnist-plain"] = dataclasses.replace(
     loss=dataclasses.replace(PRESETS["fashion-mnist"].loss, kl_weight=0.0))
 # Image folders at 32 pixels: the shapes preset (16x16x8 latents, proven on RGB scenes with small objects)
 PRESETS["folder"] = PRESETS["shapes"]
-# At 64: 2x2 pixel patches as channels, so the levels run at 32x32 and 16x16 as at 32 pixels; the loss and the
-# discriminator still see 64x64 images (a step costs ~2.2x the 32-pixel one), so 3,600 steps with the schedule
-# scaled to them keep the whole pipeline within an hour on 2 cores. 16 latent channels (16x16x16): four times the
-# pixels per latent cell of the 32-pixel preset need the width (1,200-step trials on 64-pixel shapes: 28.4 against
-# 25.4 dB, the shapes judge reading 45% against 29% of the reconstructions' shapes, with 8 channels)
+# At 64: 2x2 pixel patches as channels, so the levels run at 32x32 and 16x16 as at 32 pixels (latents 16x16x8); the
+# loss and the discriminator still see 64x64 images (a step costs ~2.2x the 32-pixel one), so 3,600 steps with the
+# schedule scaled to them keep the whole pipeline within an hour on 2 cores
 PRESETS["folder-64"] = AutoencoderStage(
-    model=dataclasses.replace(PRESETS["shapes"].model, patch_size=2, latent_channels=16),
+    model=dataclasses.replace(PRESETS["shapes"].model, patch_size=2),
     loss=dataclasses.replace(PRESETS["shapes"].loss, disc_start=3050),
     train=_train(steps=3600, batch_size=16, lr=1e-3, warmup_steps=120, ema_halflife_steps=240, min_lr_ratio=0.02),
     disc_warmup_steps=720, stats_images=5000, eval_images=2000)

@@ -65,7 +65,7 @@ PRESETS = {
         guidance_rescale=0.7),  # rescale keeps accuracy within half a point and buys recall (docs/benchmarks.md)
     "shapes": PipelinePreset(data="shapes", autoencoder=StagePlan("shapes", minutes=12),
                              clip=StagePlan("shapes", minutes=11), denoiser=StagePlan("shapes", minutes=20)),
-    # image folders, by resolution: 16x16x8 latents at 32 pixels, 16x16x16 at 64; a noise-aware classifier when the
+    # image folders, by resolution: 16x16x8 latents at 32 and at 64 pixels; a noise-aware classifier when the
     # folder has class subfolders
     "folder-32": PipelinePreset(data="folder", autoencoder=StagePlan("folder", minutes=12),
                                 clip=StagePlan("folder", minutes=11), denoiser=StagePlan("shapes", minutes=20),
