@@ -47,3 +47,42 @@ def test_torchrun_two_processes_match_one(stages, tmp_path):
     assert len(single) == len(ddp) == STEPS
     assert ddp == pytest.approx(single, rel=1e-4)
     assert single[-1] != single[0]  # it did train
+
+
+def stage_args(stage: str, stages: Path, out: Path) -> list[str]:
+    """A tiny fp32 run of `stage` at global batch 16 (the other stages train on the fixture's autoencoder)."""
+    common = ["--out", str(out), "--no-progress", "--set", f"train.steps={STEPS}", "--set", "train.log_every=1",
+              "--set", "train.batch_size=16", "--set", "train.precision=fp32", "--set", "train.ckpt_every=0"]
+    if stage == "autoencoder":
+        return ["train", "autoencoder", "--data", "shapes", "--preset", "tiny", *common]
+    if stage == "classifier":
+        return ["train", "classifier", "--data", "shapes", "--preset", "tiny", "--autoencoder", str(stages / "ae"),
+                "--set", "label=shape", *common]
+    if stage == "fast-decoder":
+        return ["train", "fast-decoder", "--data", "shapes", "--preset", "tiny", "--autoencoder",
+                str(stages / "ae"), *common]
+    raise ValueError(stage)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["autoencoder", "classifier", "fast-decoder"])
+def test_torchrun_two_processes_train_the_same_weights(stages, tmp_path, stage):
+    """Every stage under torchrun: 2 processes at the same global batch end at the weights of one process (up to
+    the order of floating-point sums in the gradient all-reduce)."""
+    import torch
+    from safetensors.torch import load_file
+    assert cli(stage_args(stage, stages, tmp_path / "single")) == 0
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "ldmkit.cli",
+                           *stage_args(stage, stages, tmp_path / "ddp")], capture_output=True, text=True,
+                          timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = load_file(tmp_path / "single" / "model.safetensors"), load_file(tmp_path / "ddp" / "model.safetensors")
+    assert a.keys() == b.keys()
+    moved = 0
+    for k in a:
+        scale = a[k].abs().max().clamp_min(1e-3)
+        assert (a[k] - b[k]).abs().max() <= 1e-3 * scale, f"{stage}: {k} differs between 1 and 2 processes"
+        moved += int(not torch.equal(a[k], b[k]))
+    assert moved, "the two runs are bit-identical: was the second one really distributed?"

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -144,6 +145,22 @@ def test_load_100_concurrent_requests_answered_or_refused(server):
     with urllib.request.urlopen(url, timeout=10) as resp:
         assert resp.status == 200
     assert r["server_peak_rss_mib"] is None or r["server_peak_rss_mib"] < 4096
+
+
+@pytest.mark.slow
+def test_an_upload_over_the_size_limit_is_refused(server):
+    """Uploads above --max-upload-mb (5 MB by default) are refused by the server with a message, not stored."""
+    url, _ = server
+    boundary = "ldmkitboundary"
+    big = b"\x89PNG" + b"\0" * (6 * 1024 * 1024)
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"big.png\"\r\n"
+            f"Content-Type: image/png\r\n\r\n").encode() + big + f"\r\n--{boundary}--\r\n".encode()
+    req = urllib.request.Request(f"{url}gradio_api/upload", body,
+                                 {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=60)
+    assert e.value.code in (400, 413), e.value.code
+    assert "size" in e.value.read().decode(errors="replace").lower()
 
 
 def test_limits_name_the_value_and_the_limit():
