@@ -103,9 +103,15 @@ def discriminator_adv_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor,
 def adaptive_gan_weight(rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor,
                         disc_weight: float, max_weight: float = 1e4) -> torch.Tensor:
     """disc_weight * ||dL_rec/dW|| / (||dL_G/dW|| + 1e-4) at the decoder's last layer W, clamped to
-    [0, max_weight] and detached (Esser et al. 2021, eq. 7). Both losses are scalars whose graphs reach W."""
+    [0, max_weight] and detached (Esser et al. 2021, eq. 7). Both losses are scalars whose graphs reach W. Under
+    torch.distributed the two gradients are averaged over the processes first, so the weight is the global batch's."""
     g_rec = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
     g_adv = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # the gradients of the global batch's mean losses: the mean of every process's (as DDP averages them)
+        both = torch.stack([g_rec, g_adv])
+        torch.distributed.all_reduce(both)
+        g_rec, g_adv = both / torch.distributed.get_world_size()
     w = g_rec.norm() / (g_adv.norm() + 1e-4)
     return (w.clamp(0.0, max_weight) * disc_weight).detach()
 

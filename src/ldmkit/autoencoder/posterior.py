@@ -26,9 +26,15 @@ class DiagonalGaussian:
         self.std = torch.exp(0.5 * self.logvar)
         self.var = torch.exp(self.logvar)
 
-    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Reparameterised sample z = mean + std * eps, eps ~ N(0, I) drawn from `generator` if given."""
-        eps = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+    def sample(self, generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Reparameterised sample z = mean + std * eps: eps is `noise` if given, else N(0, I) drawn from
+        `generator`."""
+        if noise is not None:
+            if noise.shape != self.mean.shape:
+                raise ValueError(f"noise has shape {tuple(noise.shape)}, the posterior {tuple(self.mean.shape)}")
+            eps = noise.to(self.mean.device, self.mean.dtype)
+        else:
+            eps = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
         return self.mean + self.std * eps
 
     def mode(self) -> torch.Tensor:
@@ -63,7 +69,7 @@ class PointPosterior:
         self.std = torch.zeros_like(self.mean)
         self.var = torch.zeros_like(self.mean)
 
-    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample(self, generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
         return self.mean
 
     def mode(self) -> torch.Tensor:

@@ -285,10 +285,12 @@ class AutoencoderKL(nn.Module):
             z = self.post_quant_conv(z)
         return self.decoder(z)
 
-    def forward(self, x: torch.Tensor, sample: bool = True,
-                generator: torch.Generator | None = None) -> tuple[torch.Tensor, DiagonalGaussian]:
+    def forward(self, x: torch.Tensor, sample: bool = True, generator: torch.Generator | None = None,
+                noise: torch.Tensor | None = None) -> tuple[torch.Tensor, DiagonalGaussian]:
+        """(reconstruction, posterior); with `sample`, z = mean + std * noise (noise: given, or drawn from
+        `generator`), else the posterior mean."""
         posterior = self.encode(x)
-        z = posterior.sample(generator) if sample else posterior.mode()
+        z = posterior.sample(generator, noise) if sample else posterior.mode()
         return self.decode(z), posterior
 
     def last_layer(self) -> torch.Tensor:

@@ -40,7 +40,7 @@ from ldmkit.checkpoint import write_bytes
 from ldmkit.data import other_split
 from ldmkit.eval.autoencoder_eval import latent_statistics, reconstruct
 from ldmkit.eval.metrics import psnr
-from ldmkit.seeding import example_seed
+from ldmkit.seeding import example_generators, randn
 from ldmkit.train import common
 from ldmkit.train.args import stage_main
 from ldmkit.train.common import TrainConfig
@@ -202,14 +202,16 @@ def train(cfg: AutoencoderStage, out, spec: str, ds, resume: bool = False, init_
     for step in run.steps(start, tc.steps):
         idx, gidx = common.batch_indices(len(ds), tc.batch_size, step, tc.seed, run.rank, run.world)
         x = ds.to_float(ds.images[idx]).to(run.device)  # (B, C, H, W) in [-1, 1]
-        gen = torch.Generator(run.device).manual_seed(example_seed(tc.seed, int(gidx[0]), NOISE_STREAM))
+        f = model.cfg.downsample_factor
+        eps = randn((x.shape[0], model.cfg.latent_channels, x.shape[2] // f, x.shape[3] // f),
+                    example_generators(tc.seed, gidx, NOISE_STREAM)).to(run.device)  # sample g's draw: (seed, g)
         gan_on = disc is not None and disc_factor(lc, step) > 0  # the adversarial term reaches the autoencoder
         d_on = disc is not None and lc.uses_gan and step >= lc.disc_start - cfg.disc_warmup_steps
         common.set_lr(opt, common.lr_at(step, tc))
         if disc is not None:
             disc.requires_grad_(False)  # the generator step must not write gradients into the discriminator
         with common.autocast(run.device, tc.precision):
-            recon, posterior = net(x, sample=True, generator=gen)  # z ~ q(z|x), seeded by (seed, sample index)
+            recon, posterior = net(x, sample=True, noise=eps)  # z ~ q(z|x)
             loss, terms = generator_loss(lc, x, recon, posterior, step, lpips, disc if gan_on else None,
                                          model.last_layer(), logvar)
         loss.backward()
