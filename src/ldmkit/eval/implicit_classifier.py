@@ -98,10 +98,10 @@ def evaluate(pipe, ds, num: int = 500, sigmas=DEFAULT_SIGMAS, draws: int = 4, se
         noise = torch.stack([randn(tuple(x0.shape), gens) for _ in range(draws)])  # (D, N, ...)
         row = {}
         logp = implicit_log_posterior(denoise, x0, float(s), class_cond, noise)
-        row["implicit_classifier"] = float((logp.argmax(1) == labels).float().mean())
+        row["implicit_classifier"] = round(float((logp.argmax(1) == labels).double().mean()), 4)
         if pipe.classifier is not None:
             lp = noise_aware_logits(pipe.classifier, x0, float(s), noise)
-            row["noise_aware_classifier"] = float((lp.argmax(1) == labels).float().mean())
+            row["noise_aware_classifier"] = round(float((lp.argmax(1) == labels).double().mean()), 4)
         out["levels"][f"{s:g}"] = row
         if progress:
             print(f"sigma {s:g}: {json.dumps(row)}", file=sys.stderr, flush=True)
@@ -118,7 +118,7 @@ def clip_zero_shot(pipe, ds, num: int, prompts: list[str], labels: torch.Tensor)
     text = torch.nn.functional.normalize(clip.encode_prompts(prompts).float(), dim=-1)
     feats = torch.cat([torch.nn.functional.normalize(clip.encode_image(to_float(ds.images[i:i + 500])).float(), dim=-1)
                        for i in range(0, num, 500)])[:num]
-    return float(((feats @ text.T).argmax(1) == labels).float().mean())
+    return round(float(((feats @ text.T).argmax(1) == labels).double().mean()), 4)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"--num {args.num} must lie in 1..100000 and --draws {args.draws} in 1..64")
     pipe = Pipeline.load(find_pipeline(args.pipeline))
     ds = load_split(pipe.spec["data"], "test", pipe.spec.get("data_options"), args.data_dir)
-    result = {"pipeline": str(args.pipeline), **evaluate(pipe, ds, args.num, sigmas, args.draws, args.seed)}
+    result = {"pipeline": str(args.pipeline), **evaluate(pipe, ds, args.num, sigmas, args.draws, args.seed),
+              "command": "ldmkit eval implicit-classifier " + " ".join(sys.argv[1:] if argv is None else argv)}
     print(json.dumps(result, indent=1))
     if args.out:
         from ldmkit.checkpoint import write_bytes
