@@ -20,7 +20,8 @@ from ldmkit.checkpoint import load_state
 
 # kills per stage: 5 in the everyday suite (its time budget); LDMKIT_KILLS=20 for the full harness
 KILLS = int(os.environ.get("LDMKIT_KILLS", "5"))
-TINY = ["--preset", "tiny", "--no-progress", "--set", "train.steps=24", "--set", "train.ckpt_every=2",
+STEPS = 24
+TINY = ["--preset", "tiny", "--no-progress", "--set", f"train.steps={STEPS}", "--set", "train.ckpt_every=2",
         "--set", "train.log_every=1"]
 
 
@@ -41,6 +42,37 @@ def stage_commands(base: Path) -> dict[str, list[str]]:
 def ldmkit(argv: list[str], **kw) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "ldmkit", *argv], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, **kw)
+
+
+def logged_step(run: Path) -> int:
+    log = run / "metrics.jsonl"
+    rows = [r for r in log.read_text().splitlines() if r.strip()] if log.exists() else []
+    steps = []
+    for r in rows:
+        try:
+            steps.append(json.loads(r)["step"])
+        except ValueError:  # a line cut by an earlier kill: the resumed run's reader skips it too
+            pass
+    return max(steps, default=0)
+
+
+def wait_then_kill(p: subprocess.Popen, run: Path, rng: random.Random, took: float | None = None) -> int | None:
+    """SIGKILL the process group after a random delay within `took` seconds, or (took None) once the run's log
+    reaches a random step plus up to 0.3 s; the exit code if it finished first, else None."""
+    target, extra = rng.randint(1, STEPS), rng.uniform(0, 0.3)
+    deadline = time.perf_counter() + (rng.uniform(0.5, took) if took is not None else 600)
+    while time.perf_counter() < deadline:
+        if p.poll() is not None:
+            return p.returncode
+        if took is None and logged_step(run) >= target:
+            time.sleep(extra)
+            break
+        time.sleep(0.02)
+    if p.poll() is not None:
+        return p.returncode
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    return None
 
 
 def weights(d: Path) -> dict[str, torch.Tensor]:
@@ -71,13 +103,10 @@ def test_sigkill_anywhere_then_resume_is_bit_identical(reference, stage):
         resume = (cut / "state.pt").exists()
         p = ldmkit([*cmd, "--out", str(cut), *(["--resume"] if resume else [])], start_new_session=True)
         resumes += resume
-        # a random moment inside the run: start-up is ~2 s of imports, then the steps and checkpoints
-        delay = rng.uniform(0.5, took)
-        try:
-            rc = p.wait(timeout=delay)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
+        # half the kills at a random moment of the run's length (mostly start-up: imports, data, latent caches),
+        # half once the log reaches a random step, plus a fraction of a step (mid-step, mid-checkpoint, finishing)
+        rc = wait_then_kill(p, cut, rng, took) if rng.random() < 0.5 else wait_then_kill(p, cut, rng)
+        if rc is None:
             kills += 1
             if (cut / "state.pt").exists():  # whatever moment it died at, the checkpoint is readable
                 state = load_state(cut / "state.pt", expect=["model", "ema"])
