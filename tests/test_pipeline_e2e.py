@@ -186,6 +186,34 @@ def test_an_interrupted_sample_keeps_the_finished_batches(tiny_pipeline, tmp_pat
     with np.load(out, allow_pickle=False) as cut:
         assert not bool(cut["complete"]) and np.array_equal(cut["images"], full["images"][:8])
         assert cut["prompts"].shape == (8,) and cut["labels"].shape == (8,)
+    parts = tmp_path / ".cut.npz.parts"
+    assert sorted(f.name for f in parts.glob("batch-*.npz")) == ["batch-000000000.npz", "batch-000000004.npz"]
+
+    # the same command again continues after the 8 finished images (only the last batch is sampled: one decode)
+    monkeypatch.setattr(Pipeline, "decode", decode)
+    calls.clear()
+    monkeypatch.setattr(Pipeline, "decode", lambda self, *a, **k: (calls.append(1), decode(self, *a, **k))[1])
+    assert cli(["sample", str(tiny_pipeline), "--no-progress", "--prompt", "a red circle", "--num", "10", "--steps",
+                "2", "--batch-size", "4", "--out", str(out)]) == 0
+    assert "continuing: 8 of 10 images" in capsys.readouterr().err and len(calls) == 1
+    with np.load(out, allow_pickle=False) as done, np.load(tmp_path / "full.npz", allow_pickle=False) as ref:
+        assert "complete" not in done.files
+        for k in ref.files:
+            assert np.array_equal(done[k], ref[k]), k
+    assert not parts.exists()
+
+
+def test_finished_batches_of_other_settings_are_not_reused(tiny_pipeline, tmp_path, capsys):
+    """A side folder left by a killed run with other settings (here: another seed) is replaced, not continued."""
+    from ldmkit.sample import FinishedBatches
+    out = tmp_path / "s.npz"
+    FinishedBatches(out, "another-run").save(np.zeros((4, 28, 28, 1), np.uint8), 0)
+    got = sample(tiny_pipeline, tmp_path, "s.npz", "--prompt", "a red circle", "--num", "6", "--steps", "2",
+                 "--batch-size", "4")
+    ref = sample(tiny_pipeline, tmp_path, "ref.npz", "--prompt", "a red circle", "--num", "6", "--steps", "2",
+                 "--batch-size", "4")
+    assert np.array_equal(got["images"], ref["images"]) and "continuing" not in capsys.readouterr().err
+    assert not (tmp_path / ".s.npz.parts").exists()
 
 
 def test_classifier_guidance_needs_a_class(tiny_pipeline, tmp_path):

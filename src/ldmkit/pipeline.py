@@ -179,6 +179,10 @@ class Pipeline:
         x = x[:, :, top:top + h, left:left + w]
         return to_uint8_nhwc(x)
 
+    def _image_shape(self) -> tuple[int, int, int]:
+        """(h, w, C) of the images `decode` returns."""
+        return (self.crop_box[2], self.crop_box[3], self.spec["image"]["channels"])
+
     def distilled_guidance(self) -> Guidance:
         """The guidance the distilled denoiser reproduces (its w and rescale phi)."""
         if self.distilled is None:
@@ -240,14 +244,15 @@ class Pipeline:
                  sampler: str | None = None, seed: int = 0, batch_size: int = 64, class_labels=None,
                  init_latents: torch.Tensor | None = None, strength: float = 1.0, inpaint=None,
                  progress: bool = True, micro_batch: int = MICRO_BATCH, precision: str = "fp32",
-                 decoder: str = "full", distilled: bool | str = False, on_batch=None) -> np.ndarray:
+                 decoder: str = "full", distilled: bool | str = False, on_batch=None, skip: int = 0) -> np.ndarray:
         """One image per entry of `prompts` (rows in order; image i seeded by (seed, i)) -> uint8 NHWC.
         Images do not change with `batch_size`; `micro_batch` (rows per network call) may change their last bits.
         precision "bf16": denoiser and decoder under bf16 autocast, the sampler in fp32. decoder: "full" or "fast".
         distilled: sample with the guidance-distilled denoiser (one network row per image and step); `guidance`
         must then be the setting it was distilled at (`distilled_guidance`). distilled="onestep": its one-step
         student (`ldmkit train distill --set one_step_from=N`; sample it with steps=1). `on_batch(images)`: called
-        with each finished batch."""
+        with each finished batch. `skip`: the first `skip` rows (a multiple of batch_size) were made before and are
+        not sampled again; the rows after them come out exactly as in a full call."""
         self._decoder(decoder)  # fail before sampling
         backbone = self.backbone
         if distilled:
@@ -264,9 +269,11 @@ class Pipeline:
         if not 0.0 <= strength <= 1.0:
             raise ValueError(f"strength={strength} must lie in [0, 1] (0 = keep the input, 1 = a new sample)")
         start = steps - int(round(strength * steps))
-        out = []
-        bar = tqdm(total=len(prompts), desc="sampling", disable=not progress, unit="img")
-        for b in range(0, len(prompts), batch_size):
+        if skip % batch_size or not 0 <= skip <= len(prompts):
+            raise ValueError(f"skip={skip} must be a multiple of batch_size={batch_size} within 0..{len(prompts)}")
+        out = [np.zeros((0, *self._image_shape()), np.uint8)]
+        bar = tqdm(total=len(prompts), initial=skip, desc="sampling", disable=not progress, unit="img")
+        for b in range(skip, len(prompts), batch_size):
             sl = slice(b, b + batch_size)
             labels = None if class_labels is None else list(class_labels[sl])
             known = None if inpaint is None else (inpaint[0][sl], inpaint[1][sl])

@@ -5,8 +5,10 @@ dataset's native size), `prompts` (numpy unicode), `labels` (int64: the class a 
 scalars `guidance`, `sampler`, `steps`, `seed` and `guidance_rescale` (the phi used). Image i is seeded from
 (seed, i): the same command writes the same file, and an image does not change with `--num` or `--batch-size`. An
 empty prompt means unconditional. `--init-image FILE --strength S` edits an image (SDEdit) and `--mask FILE`
-inpaints it where the mask is white; the npz then also records `edit` and `strength`. Ctrl-C or SIGTERM keeps
-the images finished so far: they are written to `--out` with `complete=False`.
+inpaints it where the mask is white; the npz then also records `edit` and `strength`. Every finished batch is
+kept in `.NAME.parts/` beside `--out` until the run ends, so a run stopped in any way (Ctrl-C, SIGTERM, SIGKILL)
+continues where it stopped when the same command runs again; Ctrl-C or SIGTERM also write the finished images to
+`--out` with `complete=False`.
 """
 
 from __future__ import annotations
@@ -220,15 +222,20 @@ def rows_and_labels(args, pipe: Pipeline) -> tuple[list[str], np.ndarray]:
     return rows, labels
 
 
-def generate(args, pipe: Pipeline, on_batch=None) -> tuple[np.ndarray, list[str], np.ndarray, dict]:
-    """(images, prompt of each row, class label of each row, settings) for parsed and checked arguments."""
+def generate(args, pipe: Pipeline, on_batch=None, skip: int = 0) -> tuple[np.ndarray, list[str], np.ndarray, dict]:
+    """(images, prompt of each row, class label of each row, settings) for parsed and checked arguments.
+    `skip`: leading rows made before (text to image only): the images returned start after them."""
     g, kw, settings = settings_for(args, pipe)
+    kw["skip"] = skip
     distilled = "onestep" if args.one_step else args.distilled
     rows, labels = rows_and_labels(args, pipe)
     if args.init_image is None:
         images = pipe(args.prompt, args.num, guidance=g, class_label=args.class_label, distilled=distilled,
                       on_batch=on_batch, **kw)
     else:
+        if skip:
+            raise ValueError("edits (--init-image) are not resumed; sample them again")
+        del kw["skip"]
         init, mask = read_edit_inputs(args, pipe, len(rows))
         if g.classifier_scale:
             kw["class_labels"] = pipe.class_labels(rows, args.class_label)
@@ -248,22 +255,86 @@ def parse_args(argv: list[str]):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     pipe = Pipeline.load(args.pipeline)
-    done: list[np.ndarray] = []  # finished batches: written out if the run is interrupted
+    out = Path(args.out)
+    rows, labels = rows_and_labels(args, pipe)
+    parts = FinishedBatches(out, run_fingerprint(args, pipe, rows))
+    resumable = args.init_image is None  # edits are quick to redo and their input is not fingerprinted
+    done: list[np.ndarray] = []  # finished batches, in order
+
+    def finished(batch: np.ndarray) -> None:
+        done.append(parts.save(batch, sum(len(b) for b in done)) if resumable else batch)
     try:
-        with sigterm_as_interrupt(), output_lock(Path(args.out)):
-            images, rows, labels, settings = generate(args, pipe, on_batch=done.append)
+        with sigterm_as_interrupt(), output_lock(out):
+            earlier = parts.load() if resumable else []
+            done.extend(earlier)
+            skip = sum(len(b) for b in done)
+            if skip:
+                print(f"continuing: {skip} of {len(rows)} images were made by an earlier, interrupted run "
+                      f"({parts.dir})", file=sys.stderr)
+            new, _, _, settings = generate(args, pipe, on_batch=finished, skip=skip)
     except KeyboardInterrupt:
         if not done:
             raise KeyboardInterrupt("interrupted before the first batch finished; nothing written") from None
         n = sum(len(b) for b in done)
-        rows, labels = rows_and_labels(args, pipe)
         save_samples(args.out, np.concatenate(done), rows[:n], labels[:n], complete=False,
                      **settings_for(args, pipe)[2])
         raise KeyboardInterrupt(f"interrupted: the first {n} of {len(rows)} images are in {args.out} "
-                                "(complete=False); rerun the command for all of them") from None
+                                "(complete=False); rerun the same command to continue from there") from None
+    images = np.concatenate([*earlier, new])  # `new` as generate returns it (inpainting pastes after sampling)
     save_samples(args.out, images, rows, labels, **settings)
+    parts.clear()
     print(f"wrote {len(images)} images to {args.out}", file=sys.stderr)
     return 0
+
+
+def run_fingerprint(args, pipe: Pipeline, rows: list[str]) -> str:
+    """What decides the images of a sample run: the pipeline's stages and every sampling setting."""
+    import hashlib
+    import json
+    g, kw, settings = settings_for(args, pipe)
+    key = {"stages": {k: v.get("sha256") for k, v in pipe.spec["stages"].items()}, "rows": rows,
+           "settings": settings, "guidance": repr(g), "class_label": args.class_label,
+           **{k: kw[k] for k in ("batch_size", "micro_batch", "precision", "decoder")}}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class FinishedBatches:
+    """`.NAME.parts/` beside --out: every finished batch of a run, written as it is made, so a run stopped in any
+    way (Ctrl-C, SIGTERM, SIGKILL, power loss) continues where it stopped when the same command runs again. A
+    folder left by a run with other settings is replaced. Removed once --out is written."""
+
+    def __init__(self, out: Path, fingerprint: str):
+        self.dir = out.parent / f".{out.name}.parts"
+        self.fingerprint = fingerprint
+
+    def load(self) -> list[np.ndarray]:
+        import shutil
+        stamp = self.dir / "fingerprint"
+        if self.dir.is_dir() and (not stamp.is_file() or stamp.read_text().strip() != self.fingerprint):
+            shutil.rmtree(self.dir)  # another command's batches
+        if not self.dir.is_dir():
+            return []
+        out, n = [], 0
+        for f in sorted(self.dir.glob("batch-*.npz")):
+            if int(f.stem.split("-")[1]) != n:  # a gap: keep only the unbroken start
+                break
+            with np.load(f, allow_pickle=False) as z:
+                out.append(z["images"])
+            n += len(out[-1])
+        return out
+
+    def save(self, images: np.ndarray, start: int) -> np.ndarray:
+        if not self.dir.is_dir():
+            self.dir.mkdir(parents=True)
+            write_bytes(self.dir / "fingerprint", self.fingerprint.encode())
+        buf = io.BytesIO()
+        np.savez(buf, images=images)
+        write_bytes(self.dir / f"batch-{start:09d}.npz", buf.getvalue())
+        return images
+
+    def clear(self) -> None:
+        import shutil
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 @contextmanager
