@@ -15,14 +15,14 @@ import argparse
 import json
 import os
 import platform
-import socket
-import subprocess
 import sys
 import threading
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+from ldmkit.serve import FROM_PROMPT
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,7 +70,7 @@ def peak_rss_mib(pid: int | None) -> float | None:
 def load_test(base: str, n: int = 100, steps: int = 20, num: int = 1, timeout: float = 600,
               pid: int | None = None, pipeline: str = "fashion-mnist") -> dict:
     """Fire n requests at once; every outcome, latencies and the server's state afterwards."""
-    inputs = [pipeline, "a photo of a sneaker", "", 3.0, 0.7, "", "cfg", 0, "the one the prompt names",
+    inputs = [pipeline, "a photo of a sneaker", "", 3.0, 0.7, "", "cfg", 0, FROM_PROMPT,
               "pipeline default", steps, 0, num, "full denoiser"]
     results: list[tuple[str, str, float]] = [None] * n  # type: ignore[list-item]
     start = threading.Barrier(n)
@@ -116,23 +116,9 @@ def main(argv=None) -> int:
     p.add_argument("--num", type=int, default=1)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve_load.json"))
     args = p.parse_args(argv)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "ldmkit", "serve", "fashion-mnist", "--port", str(port)],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}/"
-    try:
-        for _ in range(240):
-            try:
-                urllib.request.urlopen(base, timeout=2).close()
-                break
-            except OSError:
-                time.sleep(0.5)
+    from ldmkit.serve import background_server
+    with background_server(["fashion-mnist"], cwd=ROOT) as (base, proc):
         r = load_test(base, args.n, args.steps, args.num, pid=proc.pid)
-    finally:
-        proc.terminate()
-        proc.wait(30)
     r.update(machine=f"{platform.machine()}, {os.cpu_count()} cores", load_average=os.getloadavg(),
              command="benchmarks/bench_serve_load.py " + " ".join(argv if argv is not None else sys.argv[1:]))
     print(json.dumps(r, indent=1))

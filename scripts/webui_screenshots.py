@@ -11,11 +11,8 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import socket
-import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,19 +25,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(ROOT / "docs"))
     args = p.parse_args(argv)
     from playwright.sync_api import sync_playwright
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "ldmkit", "serve", "--port", str(port)], cwd=ROOT)
-    url = f"http://127.0.0.1:{port}/"
+
+    from ldmkit.serve import background_server
     out = Path(args.out)
-    try:
-        for _ in range(240):
-            try:
-                urllib.request.urlopen(url, timeout=2).close()
-                break
-            except OSError:
-                time.sleep(0.5)
+    with background_server([], cwd=ROOT) as (url, _):
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=shutil.which("chromium"), args=ARGS)
             page = browser.new_page(viewport={"width": 1400, "height": 1100})
@@ -81,9 +69,6 @@ def main(argv=None) -> int:
             page.wait_for_timeout(8000)
             page.screenshot(path=str(out / "webui-edit.png"), full_page=True)
             browser.close()
-    finally:
-        proc.terminate()
-        proc.wait(30)
     print(f"wrote {out}/webui-*.png")
     return 0
 

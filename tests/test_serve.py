@@ -6,10 +6,8 @@ from __future__ import annotations
 import io
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -18,19 +16,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ldmkit import serve
+from ldmkit import serve, webui
 
 ROOT = Path(__file__).resolve().parents[1]
 FASHION = ROOT / "pretrained" / "fashion-mnist"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                 "--disable-component-update", "--disable-sync"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def need(what: str, ok: bool) -> None:
@@ -47,30 +39,9 @@ def server():
         import gradio  # noqa: F401
     except ImportError:
         need("gradio", False)
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "ldmkit", "serve", str(FASHION), "--port", str(port),
-                             "--max-steps", "50", "--max-images", "8", "--queue", "8"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"ldmkit serve exited: {proc.stdout.read()}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail("ldmkit serve did not answer within 120 s")
-    yield url, proc
-    proc.terminate()
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    with serve.background_server([str(FASHION), "--max-steps", "50", "--max-images", "8", "--queue", "8"],
+                                 cwd=ROOT) as (url, proc):
+        yield url, proc
 
 
 @pytest.fixture(scope="module")
@@ -216,7 +187,7 @@ def test_serve_refuses_bad_options_in_one_line():
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
-    return serve.App(serve.Pipelines({"fashion-mnist": FASHION}), serve.Limits(), tmp_path_factory.mktemp("serve"))
+    return webui.App(serve.Pipelines({"fashion-mnist": FASHION}), serve.Limits(), tmp_path_factory.mktemp("serve"))
 
 
 def test_edit_tab_equals_cli_sdedit_and_inpaint(app, tmp_path):

@@ -14,9 +14,12 @@ continues where it stopped when the same command runs again; Ctrl-C or SIGTERM a
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
+import json
 import math
 import os
+import shutil
 import signal
 import sys
 from contextlib import contextmanager
@@ -289,8 +292,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_fingerprint(args, pipe: Pipeline, rows: list[str]) -> str:
     """What decides the images of a sample run: the pipeline's stages and every sampling setting."""
-    import hashlib
-    import json
     g, kw, settings = settings_for(args, pipe)
     key = {"stages": {k: v.get("sha256") for k, v in pipe.spec["stages"].items()}, "rows": rows,
            "settings": settings, "guidance": repr(g), "class_label": args.class_label,
@@ -308,7 +309,6 @@ class FinishedBatches:
         self.fingerprint = fingerprint
 
     def load(self) -> list[np.ndarray]:
-        import shutil
         stamp = self.dir / "fingerprint"
         if self.dir.is_dir() and (not stamp.is_file() or stamp.read_text().strip() != self.fingerprint):
             shutil.rmtree(self.dir)  # another command's batches
@@ -333,7 +333,6 @@ class FinishedBatches:
         return images
 
     def clear(self) -> None:
-        import shutil
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
