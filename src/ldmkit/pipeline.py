@@ -31,10 +31,11 @@ from ldmkit.diffusion.objectives import make_denoiser
 from ldmkit.diffusion.samplers import get_sampler
 from ldmkit.guidance.cfg import Guidance
 from ldmkit.guidance.classifier import classifier_grad_fn, classifier_guidance
+from ldmkit.guidance.multi import ChainGuidance, image_text_conds, image_text_scales
 from ldmkit.images import from_uint8_nhwc, to_uint8_nhwc
 from ldmkit.nn import in_precision
 from ldmkit.seeding import example_generators, randn
-from ldmkit.stages import load_pipeline_stages
+from ldmkit.stages import load_clip, load_pipeline_stages
 
 # Every network call runs on chunks of exactly this many rows (padded), for batch invariance: an image's bits do not
 # depend on which images share its batch. 16 keeps one-image requests cheap; bulk sampling runs faster with 64 (the
@@ -103,9 +104,13 @@ def sample_latents(backbone, objective, encode: PromptEncoder, prompts: Sequence
                    shape: tuple[int, ...], *, seed: int, guidance: Guidance, sampler: str = "dpmpp-2m",
                    steps: int = 20, spacing: str = "trailing", classifier=None, class_labels=None,
                    x_start: torch.Tensor | None = None, start_step: int = 0, inpaint=None,
-                   progress: bool = False, micro_batch: int = MICRO_BATCH, precision: str = "fp32") -> torch.Tensor:
+                   progress: bool = False, micro_batch: int = MICRO_BATCH, precision: str = "fp32",
+                   image: torch.Tensor | None = None) -> torch.Tensor:
     """Latents (B, *shape) for one batch of prompts; example j is seeded by (seed, indices[j]).
 
+    image: CLIP image embeddings (B, E) of image prompts, for a denoiser trained with image conditions; the image
+    and the text are then guided with their own scales (`guidance.image_scale`, `guidance.scale`;
+    `ldmkit.guidance.multi`).
     x_start / start_step: image-to-image (start from a noised latent at sigmas[start_step]); inpaint:
     (known latents, mask with 1 = generate) keeps the known region by replacing x0_hat outside the mask.
     precision "bf16": the backbone runs under bf16 autocast (where the hardware has bf16), the sampler in fp32.
@@ -115,7 +120,15 @@ def sample_latents(backbone, objective, encode: PromptEncoder, prompts: Sequence
     cond = encode(prompts)
     uncond = encode([guidance.negative_prompt]) if guidance.negative_prompt is not None else \
         {**cond, "drop": torch.ones(len(prompts), dtype=torch.bool)}
-    fn = guidance.wrap(denoise, cond, uncond, rescale_space=_space(objective))
+    if image is None:
+        fn = guidance.wrap(denoise, cond, uncond, rescale_space=_space(objective))
+    else:
+        if guidance.mode != "cfg":
+            raise ValueError(f"image prompts are guided with cfg; guidance mode {guidance.mode!r} is for text alone")
+        conds = image_text_conds(cond, uncond, image.to(device))
+        w_image = guidance.scale if guidance.image_scale is None else guidance.image_scale
+        fn = ChainGuidance(denoise, conds, image_text_scales(conds, w_image, guidance.scale),
+                           rescale=guidance.rescale, rescale_space=_space(objective), interval=guidance.interval)
     if guidance.classifier_scale:
         if classifier is None or class_labels is None:
             raise ValueError("classifier guidance needs a pipeline with classifier/ and a class per prompt "
@@ -157,6 +170,7 @@ class Pipeline:
         self.latent_shape = tuple(lat["shape"])
         self.crop_box = spec["image"]["crop"]  # (top, left, height, width) of the native image
         self.defaults = spec["defaults"]
+        self._clip = None  # CLIP with its image tower, loaded for the first image prompt
 
     @classmethod
     def load(cls, path: str | Path) -> "Pipeline":
@@ -212,17 +226,30 @@ class Pipeline:
                              f"{self.root / 'fast-decoder'}` and rerun `ldmkit train pipeline` on this directory")
         return self.fast_decoder
 
-    @torch.no_grad()
-    def encode_images(self, images: np.ndarray) -> torch.Tensor:
-        """uint8 (N, H, W, C) native images -> scaled latents (posterior mode), padded back like training."""
+    def _padded(self, images: np.ndarray) -> torch.Tensor:
+        """uint8 (N, h, w, C) native images -> float (N, C, H, W) in [-1, 1], padded to the training size."""
         x = from_uint8_nhwc(images)
         top, left, h, w = self.crop_box
         if tuple(x.shape[2:]) != (h, w):
             raise ValueError(f"images must be {h}x{w} (the dataset's native size), got {tuple(x.shape[2:])}")
         H, W = self.spec["image"]["size"]
-        x = F.pad(x, (left, W - w - left, top, H - h - top), value=-1.0)
-        mean = fixed_chunks(lambda v: self.autoencoder.encode(v).mode())(x)
+        return F.pad(x, (left, W - w - left, top, H - h - top), value=-1.0)
+
+    @torch.no_grad()
+    def encode_images(self, images: np.ndarray) -> torch.Tensor:
+        """uint8 (N, H, W, C) native images -> scaled latents (posterior mode), padded back like training."""
+        mean = fixed_chunks(lambda v: self.autoencoder.encode(v).mode())(self._padded(images))
         return (mean - self.shift_factor) * self.scale_factor
+
+    @torch.no_grad()
+    def image_embeddings(self, images: np.ndarray) -> torch.Tensor:
+        """uint8 (N, H, W, C) native images -> the CLIP image embeddings (N, E) the denoiser reads as image prompts."""
+        if not getattr(self.backbone.cfg, "image_dim", 0):
+            raise ValueError(f"{self.root}'s denoiser was trained on text alone; train one that reads image prompts "
+                             "with `ldmkit train pipeline ... --set denoiser:image_condition=true`")
+        if self._clip is None:
+            self._clip = load_clip(self.root / self.spec["stages"]["clip"]["path"])
+        return fixed_chunks(self._clip.encode_image)(self._padded(images)).float()
 
     # ------------------------------------------------------------------ sampling
     def guidance(self, scale: float | None = None, *, rescale: float | None = None, distilled: bool = False,
@@ -244,7 +271,8 @@ class Pipeline:
                  sampler: str | None = None, seed: int = 0, batch_size: int = 64, class_labels=None,
                  init_latents: torch.Tensor | None = None, strength: float = 1.0, inpaint=None,
                  progress: bool = True, micro_batch: int = MICRO_BATCH, precision: str = "fp32",
-                 decoder: str = "full", distilled: bool | str = False, on_batch=None, skip: int = 0) -> np.ndarray:
+                 decoder: str = "full", distilled: bool | str = False, on_batch=None, skip: int = 0,
+                 image_prompts: np.ndarray | None = None) -> np.ndarray:
         """One image per entry of `prompts` (rows in order; image i seeded by (seed, i)) -> uint8 NHWC.
         Images do not change with `batch_size`; `micro_batch` (rows per network call) may change their last bits.
         precision "bf16": denoiser and decoder under bf16 autocast, the sampler in fp32. decoder: "full" or "fast".
@@ -252,8 +280,17 @@ class Pipeline:
         must then be the setting it was distilled at (`distilled_guidance`). distilled="onestep": its one-step
         student (`ldmkit train distill --set one_step_from=N`; sample it with steps=1). `on_batch(images)`: called
         with each finished batch. `skip`: the first `skip` rows (a multiple of batch_size) were made before and are
-        not sampled again; the rows after them come out exactly as in a full call."""
+        not sampled again; the rows after them come out exactly as in a full call. `image_prompts`: uint8
+        (N, h, w, C), one image per row, for a denoiser trained with image conditions (an empty prompt then makes
+        variations of the image; `guidance.image_scale` is the image's scale, `guidance.scale` the text's)."""
         self._decoder(decoder)  # fail before sampling
+        if image_prompts is not None:
+            if distilled:
+                raise ValueError("the distilled students reproduce text guidance only; drop --distilled / --one-step "
+                                 "for image prompts")
+            if len(image_prompts) != len(prompts):
+                raise ValueError(f"{len(image_prompts)} image prompts for {len(prompts)} rows; give one per row")
+            image_prompts = self.image_embeddings(image_prompts)
         backbone = self.backbone
         if distilled:
             backbone, guidance = self._distilled(guidance)
@@ -282,7 +319,8 @@ class Pipeline:
                                range(b, b + len(prompts[sl])), self.latent_shape, seed=seed, guidance=guidance,
                                sampler=sampler, steps=steps, classifier=self.classifier, class_labels=labels,
                                x_start=x0, start_step=start if x0 is not None else 0, inpaint=known,
-                               micro_batch=micro_batch, precision=precision)
+                               micro_batch=micro_batch, precision=precision,
+                               image=None if image_prompts is None else image_prompts[sl])
             out.append(self.decode(z, micro_batch, precision, decoder))
             if on_batch is not None:
                 on_batch(out[-1])
@@ -294,12 +332,12 @@ class Pipeline:
                  class_label: int | None = None, **kw) -> np.ndarray:
         """`num` images per prompt, rows prompt by prompt -> uint8 (N, H, W, C) at the dataset's native size.
         `guidance`: a scale (None = the pipeline's default) or a `Guidance`; `Guidance` fields may also be given as
-        keywords (negative_prompt=, rescale=, interval=, mode=, classifier_scale=, apg=). Other keywords go to
-        `generate` (steps, sampler, seed, decoder, distilled, ...)."""
+        keywords (negative_prompt=, rescale=, interval=, mode=, classifier_scale=, apg=, image_scale=). Other
+        keywords go to `generate` (steps, sampler, seed, decoder, distilled, image_prompts, ...)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         rows = [p for p in prompts for _ in range(num)]
-        fields = {k: kw.pop(k) for k in ("negative_prompt", "rescale", "interval", "mode", "classifier_scale", "apg")
-                  if k in kw}
+        fields = {k: kw.pop(k) for k in ("negative_prompt", "rescale", "interval", "mode", "classifier_scale", "apg",
+                                         "image_scale") if k in kw}
         g = guidance if isinstance(guidance, Guidance) else \
             self.guidance(guidance, distilled=bool(kw.get("distilled")), **fields)
         labels = self.class_labels(rows, class_label) if g.classifier_scale else None

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ldmkit.checkpoint import regular_file, write_bytes
+from ldmkit.checkpoint import file_hash, regular_file, write_bytes
 from ldmkit.data import parse_class
 from ldmkit.data.folder import read_image
 from ldmkit.diffusion.samplers import SAMPLERS
@@ -51,7 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(allow_abbrev=False, prog="ldmkit sample", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("pipeline", help="pipeline directory (pipeline.json + stage directories)")
-    p.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable); '' = unconditional")
+    p.add_argument("--prompt", action="append", default=None, help="a prompt (repeatable); '' = unconditional")
+    p.add_argument("--image-prompt", default=None, metavar="FILE", help="condition on this image too (a denoiser "
+                   "trained with image conditions): alone it makes variations of it, with --prompt it mixes both")
+    p.add_argument("--image-guidance", type=float, default=None, metavar="W", help="guidance scale of the image "
+                   "prompt (--guidance is the text's); default: --guidance's value")
     p.add_argument("--num", type=int, default=1, help="images per prompt (up to 10000)")
     p.add_argument("--out", required=True, help="samples.npz (arrays) or grid.png (a grid)")
     p.add_argument("--guidance", type=float, default=None, help="CFG scale w (1 = conditional, 0 = "
@@ -135,6 +139,15 @@ def save_samples(path: str | Path, images: np.ndarray, prompts: list[str], label
 
 def check_args(args) -> None:
     """Every argument and the output path, before the pipeline is loaded or anything is sampled."""
+    if args.prompt is None:
+        if args.image_prompt is None:
+            raise ValueError("give --prompt TEXT (repeatable), or --image-prompt FILE for variations of an image")
+        args.prompt = [""]  # the image alone
+    if args.image_prompt is not None:
+        regular_file(args.image_prompt, "--image-prompt")
+        if args.distilled or args.one_step:
+            raise ValueError("the distilled students reproduce text guidance only; drop --distilled / --one-step "
+                             "for --image-prompt")
     if not 1 <= args.num <= 10000:
         raise ValueError(f"--num {args.num} must lie in 1..10000")
     for text in [*args.prompt, *([args.negative_prompt] if args.negative_prompt is not None else [])]:
@@ -147,13 +160,16 @@ def check_args(args) -> None:
         raise ValueError(f"--batch-size {args.batch_size} and --micro-batch {args.micro_batch} must be >= 1")
     if args.steps is not None and not 1 <= args.steps <= 1000:
         raise ValueError(f"--steps {args.steps} must lie in 1..1000 (leave it out for the pipeline's default)")
-    for name in ("guidance", "guidance_rescale", "classifier_scale", "apg_eta", "apg_momentum", "apg_threshold"):
+    for name in ("guidance", "guidance_rescale", "classifier_scale", "apg_eta", "apg_momentum", "apg_threshold",
+                 "image_guidance"):
         v = getattr(args, name)
         if v is not None and not math.isfinite(v):
             raise ValueError(f"--{name.replace('_', '-')} {v} must be a finite number")
-    if args.guidance is not None and not -20 <= args.guidance <= 50:
-        raise ValueError(f"--guidance {args.guidance} is outside -20..50 (1 = conditional, 0 = unconditional; "
-                         "useful values lie around 1-8)")
+    for name in ("guidance", "image_guidance"):
+        v = getattr(args, name)
+        if v is not None and not -20 <= v <= 50:
+            raise ValueError(f"--{name.replace('_', '-')} {v} is outside -20..50 (1 = conditional, 0 = "
+                             "unconditional; useful values lie around 1-8)")
     if args.init_image is None and args.mask is not None:
         raise ValueError("--mask needs --init-image (the image to inpaint)")
     if args.init_image is not None:
@@ -202,7 +218,7 @@ def settings_for(args, pipe: Pipeline) -> tuple[Guidance, dict, dict]:
     distilled = "onestep" if args.one_step else args.distilled
     g = pipe.guidance(args.guidance, rescale=args.guidance_rescale, distilled=bool(distilled),
                       mode=args.guidance_mode, interval=args.guidance_interval, negative_prompt=args.negative_prompt,
-                      classifier_scale=args.classifier_scale,
+                      classifier_scale=args.classifier_scale, image_scale=args.image_guidance,
                       apg=APGConfig(args.apg_eta, args.apg_momentum, args.apg_threshold))
     sampler = args.sampler or pipe.defaults["sampler"]
     steps = args.steps or (1 if args.one_step else pipe.defaults["steps"])
@@ -212,7 +228,12 @@ def settings_for(args, pipe: Pipeline) -> tuple[Guidance, dict, dict]:
                     guidance_rescale=g.rescale, decoder=args.decoder,
                     distilled="onestep" if args.one_step else ("guidance" if args.distilled else "none"),
                     **({"edit": "inpaint" if args.mask else "img2img", "strength": float(args.strength)}
-                       if args.init_image else {}))
+                       if args.init_image else {}),
+                    **({"image_prompt": Path(args.image_prompt).name,
+                        "image_guidance": g.scale if g.image_scale is None else g.image_scale}
+                       if args.image_prompt else {}))
+    if args.image_prompt:
+        kw["image_prompts"] = read_native(args.image_prompt, pipe)
     return g, kw, settings
 
 
@@ -232,6 +253,8 @@ def generate(args, pipe: Pipeline, on_batch=None, skip: int = 0) -> tuple[np.nda
     kw["skip"] = skip
     distilled = "onestep" if args.one_step else args.distilled
     rows, labels = rows_and_labels(args, pipe)
+    if "image_prompts" in kw:  # one copy of the image prompt per row
+        kw["image_prompts"] = np.repeat(kw["image_prompts"][None], len(rows), 0)
     if args.init_image is None:
         images = pipe(args.prompt, args.num, guidance=g, class_label=args.class_label, distilled=distilled,
                       on_batch=on_batch, **kw)
@@ -295,6 +318,7 @@ def run_fingerprint(args, pipe: Pipeline, rows: list[str]) -> str:
     g, kw, settings = settings_for(args, pipe)
     key = {"stages": {k: v.get("sha256") for k, v in pipe.spec["stages"].items()}, "rows": rows,
            "settings": settings, "guidance": repr(g), "class_label": args.class_label,
+           "image_prompt": file_hash(args.image_prompt) if args.image_prompt else None,
            **{k: kw[k] for k in ("batch_size", "micro_batch", "precision", "decoder")}}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

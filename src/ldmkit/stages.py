@@ -119,14 +119,15 @@ def load_text_encoder(spec: str | Path):
 
 
 def build_backbone(cfg: dict, context_dim: int, pooled_dim: int):
-    """A UNet or DiT from a denoiser config dict, sized for the text encoder's widths."""
+    """A UNet or DiT from a denoiser config dict, sized for the text encoder's widths (and the image
+    embedding's, `conditioning.image_dim`, when the denoiser is prompted by images too)."""
     kind = cfg["backbone"]
+    widths = dict(context_dim=context_dim, pooled_dim=pooled_dim,
+                  image_dim=int(cfg.get("conditioning", {}).get("image_dim", 0)))
     if kind == "unet":
-        mcfg = from_dict(UNetConfig, cfg["unet"])
-        return UNet(dataclasses.replace(mcfg, context_dim=context_dim, pooled_dim=pooled_dim))
+        return UNet(dataclasses.replace(from_dict(UNetConfig, cfg["unet"]), **widths))
     if kind == "dit":
-        mcfg = from_dict(DiTConfig, cfg["dit"])
-        return DiT(dataclasses.replace(mcfg, context_dim=context_dim, pooled_dim=pooled_dim))
+        return DiT(dataclasses.replace(from_dict(DiTConfig, cfg["dit"]), **widths))
     raise ValueError(f"unknown backbone {kind!r}; use unet or dit")
 
 

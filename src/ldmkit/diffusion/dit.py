@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldmkit.diffusion.unet import embed_condition, init_condition_embeddings
+from ldmkit.diffusion.unet import add_image_condition, embed_condition, init_condition_embeddings
 from ldmkit.kernels import ConvLinear, attention
 from ldmkit.nn import TimestepMLP, zero_module
 
@@ -53,6 +53,7 @@ class DiTConfig:
     mlp_ratio: float = 4.0  # MLP hidden width as a multiple of D
     context_dim: int = 128  # width of the text tokens (the text encoder's context_dim)
     pooled_dim: int = 128  # width of the pooled text vector; 0 = no pooled input
+    image_dim: int = 0  # width of the image-embedding condition (CLIP's image tower); 0 = no image condition
     freq_dim: int = 256  # sinusoidal timestep features fed to the timestep MLP
     pos_embed: Literal["sincos", "learned"] = "sincos"  # fixed 2-D sin-cos or learned position embeddings
     dropout: float = 0.0  # dropout on the MLP hidden layer
@@ -116,6 +117,7 @@ class DiT(nn.Module):
         self.null_pooled = nn.Parameter(torch.zeros(cfg.pooled_dim)) if cfg.pooled_dim > 0 else None
         self.time_embed = TimestepMLP(cfg.freq_dim, D)
         self.pooled_proj = nn.Linear(cfg.pooled_dim, D) if cfg.pooled_dim > 0 else None
+        add_image_condition(self, cfg.image_dim, D)
         self.patch = nn.Conv2d(cfg.in_channels, D, p, stride=p)
         if cfg.pos_embed == "learned":
             self.pos = nn.Parameter(torch.zeros(1, self.grid ** 2, D))
@@ -145,13 +147,15 @@ class DiT(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None = None,
                 context_mask: torch.Tensor | None = None, pooled: torch.Tensor | None = None,
-                drop: torch.Tensor | None = None) -> torch.Tensor:
+                drop: torch.Tensor | None = None, image: torch.Tensor | None = None,
+                drop_image: torch.Tensor | None = None) -> torch.Tensor:
         B, C, H, W = x.shape
         S, p = self.cfg.input_size, self.cfg.patch_size
         if (C, H, W) != (self.cfg.in_channels, S, S):
             raise ValueError(f"DiT expects (B, {self.cfg.in_channels}, {S}, {S}) (DiTConfig.input_size), "
                              f"got {tuple(x.shape)}")
-        context, mask, c = embed_condition(self, t, B, context, context_mask, pooled, drop)  # c (B, D)
+        context, mask, c = embed_condition(self, t, B, context, context_mask, pooled, drop, image,
+                                           drop_image)  # c (B, D)
 
         h = self.patch(x.contiguous(memory_format=torch.channels_last))  # (B, D, g, g), channels-last
         h = h.permute(0, 2, 3, 1).reshape(B, self.grid ** 2, -1) + self.pos  # (B, N, D)

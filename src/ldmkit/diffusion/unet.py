@@ -32,9 +32,11 @@ from ldmkit.nn import TimestepMLP, zero_module
 # The conditioning prologue shared with dit.py
 
 
-def embed_condition(model: nn.Module, t: torch.Tensor, batch: int, context, context_mask, pooled, drop):
+def embed_condition(model: nn.Module, t: torch.Tensor, batch: int, context, context_mask, pooled, drop,
+                    image=None, drop_image=None):
     """The prologue both backbones share: validate `t` and the text condition (`prepare_condition`), then the
-    conditioning vector silu(time_embed(t) + pooled_proj(pooled)). Returns (context, mask, vector)."""
+    conditioning vector silu(time_embed(t) + pooled_proj(pooled) + image_proj(image)). Returns (context, mask,
+    vector)."""
     if t.shape != (batch,):
         raise ValueError(f"t must have shape ({batch},), got {tuple(t.shape)}")
     context, mask, pooled = prepare_condition(model.null_context, model.null_pooled, batch, context, context_mask,
@@ -42,17 +44,48 @@ def embed_condition(model: nn.Module, t: torch.Tensor, batch: int, context, cont
     emb = model.time_embed(t)
     if model.pooled_proj is not None:
         emb = emb + model.pooled_proj(pooled)
+    if model.image_proj is not None:
+        emb = emb + model.image_proj(prepare_image(model.null_image, batch, image, drop_image))
+    elif image is not None:
+        raise ValueError("this denoiser has no image condition (image_dim=0); train one with image_condition=true "
+                         "to prompt it with images")
     return context, mask, F.silu(emb)
 
 
+def add_image_condition(model: nn.Module, image_dim: int, emb_dim: int) -> None:
+    """The image condition's parameters: a learned null embedding and a projection into the conditioning vector
+    (zero at initialisation, `init_condition_embeddings`: the image input starts as a no-op). image_dim 0: none."""
+    model.null_image = nn.Parameter(torch.zeros(image_dim)) if image_dim > 0 else None
+    model.image_proj = nn.Linear(image_dim, emb_dim) if image_dim > 0 else None
+
+
+def prepare_image(null_image: torch.Tensor, batch: int, image: torch.Tensor | None,
+                  drop_image: torch.Tensor | None) -> torch.Tensor:
+    """The image embedding each example sees (B, Di): `null_image` where `drop_image` is True or image is None."""
+    if image is None:
+        return null_image.expand(batch, -1)
+    if image.shape != (batch, null_image.shape[0]):
+        raise ValueError(f"image must be (B={batch}, image_dim={null_image.shape[0]}), got {tuple(image.shape)}")
+    if drop_image is None:
+        return image
+    if drop_image.dtype != torch.bool or drop_image.shape != (batch,):
+        raise ValueError(f"drop_image must be a bool tensor of shape ({batch},), got {drop_image.dtype} "
+                         f"{tuple(drop_image.shape)}")
+    return torch.where(drop_image[:, None], null_image.to(image.dtype), image)
+
+
 def init_condition_embeddings(model: nn.Module) -> None:
-    """N(0, 0.02^2) for the timestep MLP's weights and the null embeddings (both backbones, in this order)."""
+    """N(0, 0.02^2) for the timestep MLP's weights and the null embeddings (both backbones, in this order); the
+    image projection starts at zero."""
     for m in model.time_embed.mlp:
         if isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, std=0.02)
     nn.init.normal_(model.null_context, std=0.02)
     if model.null_pooled is not None:
         nn.init.normal_(model.null_pooled, std=0.02)
+    if model.null_image is not None:
+        nn.init.normal_(model.null_image, std=0.02)
+        zero_module(model.image_proj)
 
 
 def prepare_condition(null_context: torch.Tensor, null_pooled: torch.Tensor | None, batch: int,
@@ -114,6 +147,7 @@ class UNetConfig:
     context_dim: int = 128  # width of the text tokens (the text encoder's context_dim)
     pooled_dim: int = 128  # width of the pooled text vector; 0 = no pooled input
     emb_dim: int = 256  # width of the timestep (+ pooled) embedding
+    image_dim: int = 0  # width of the image-embedding condition (CLIP's image tower); 0 = no image condition
     freq_dim: int = 128  # sinusoidal features fed to the timestep MLP
     dropout: float = 0.0  # dropout inside residual blocks
     norm_groups: int = 32  # GroupNorm groups (largest divisor of the width <= this)
@@ -244,6 +278,7 @@ class UNet(nn.Module):
         self.null_pooled = nn.Parameter(torch.zeros(cfg.pooled_dim)) if cfg.pooled_dim > 0 else None
         self.time_embed = TimestepMLP(cfg.freq_dim, cfg.emb_dim)
         self.pooled_proj = nn.Linear(cfg.pooled_dim, cfg.emb_dim) if cfg.pooled_dim > 0 else None
+        add_image_condition(self, cfg.image_dim, cfg.emb_dim)
         self.stem = nn.Conv2d(cfg.in_channels, widths[0], 3, padding=1)
 
         self.down, self.downsample = nn.ModuleList(), nn.ModuleList()
@@ -288,13 +323,15 @@ class UNet(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None = None,
                 context_mask: torch.Tensor | None = None, pooled: torch.Tensor | None = None,
-                drop: torch.Tensor | None = None) -> torch.Tensor:
+                drop: torch.Tensor | None = None, image: torch.Tensor | None = None,
+                drop_image: torch.Tensor | None = None) -> torch.Tensor:
         B, C, H, W = x.shape
         k = 2 ** (len(self.cfg.channel_mults) - 1)
         if C != self.cfg.in_channels or H % k or W % k:
             raise ValueError(f"UNet expects (B, {self.cfg.in_channels}, H, W) with H, W divisible by {k}, "
                              f"got {tuple(x.shape)}")
-        context, mask, emb = embed_condition(self, t, B, context, context_mask, pooled, drop)  # emb (B, E)
+        context, mask, emb = embed_condition(self, t, B, context, context_mask, pooled, drop, image,
+                                             drop_image)  # emb (B, E)
 
         h = self.stem(x.contiguous(memory_format=torch.channels_last))  # (B, C0, H, W), channels-last
         skips = []

@@ -163,6 +163,7 @@ class Guidance:
     negative_prompt: str | None = None       # its prediction replaces the unconditional one for every prompt
     classifier_scale: float = 0.0            # classifier guidance strength s; 0 = off
     apg: APGConfig = APGConfig()             # mode="apg" only
+    image_scale: float | None = None         # w_i of an image prompt (`ldmkit.guidance.multi`); None = scale
 
     def wrap(self, denoise: CondDenoiser, cond: Cond, uncond: Cond, rescale_space: str = "eps") -> "GuidedDenoiser":
         """The guided denoiser of these settings (classifier guidance is added by the caller, which holds the

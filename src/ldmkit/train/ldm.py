@@ -11,23 +11,30 @@ import copy
 import dataclasses
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
+from ldmkit.checkpoint import atomic_path
 from ldmkit.diffusion.dit import PRESETS as DIT_PRESETS
 from ldmkit.diffusion.dit import DiTConfig
 from ldmkit.diffusion.objectives import Objective, training_loss
 from ldmkit.diffusion.unet import PRESETS as UNET_PRESETS
 from ldmkit.diffusion.unet import UNetConfig
+from ldmkit.eval.clip_cli import image_features
 from ldmkit.guidance.cfg import Guidance
 from ldmkit.pipeline import PromptEncoder, sample_latents
-from ldmkit.seeding import example_seed
-from ldmkit.stages import build_backbone, load_autoencoder, load_text_encoder, weights_hash
+from ldmkit.seeding import example_generators, example_seed
+from ldmkit.stages import build_backbone, load_autoencoder, load_clip, load_text_encoder, weights_hash
 from ldmkit.train import common
 from ldmkit.train.args import load_data, resolve_config, train_parser
 from ldmkit.train.common import TrainConfig
 from ldmkit.train.latent_cache import draw_latents, posterior_cache
+
+IMAGE_DROP_STREAM = 4  # example_seed stream of the image-condition dropout (1: noise, 2: captions, 3: latents)
 
 
 @dataclass(frozen=True)
@@ -41,6 +48,7 @@ class Conditioning:
     scale_factor: float = 1.0         # latent scale (1 / std of the training latents)
     shift_factor: float = 0.0         # latent shift subtracted before scaling
     latent_shape: tuple[int, ...] = ()  # (c, h, w) of one latent
+    image_dim: int = 0                # width of the CLIP image embedding condition (0: text only)
 
 
 @dataclass(frozen=True)
@@ -62,6 +70,8 @@ class LDMConfig:
     sample: SampleDefaults = field(default_factory=SampleDefaults)
     latent_sample: bool = True        # draw z from the posterior each step (False: use its mean)
     text_tokens: bool = True          # cross-attend to the text tokens; False: the pooled text vector only
+    image_condition: bool = False     # also condition on the CLIP image embedding of the training image
+    p_image_uncond: float = 0.5       # probability of dropping the image (independent of the text's p_uncond)
     conditioning: Conditioning = field(default_factory=Conditioning)
 
 
@@ -73,6 +83,10 @@ PRESETS = {
     # the time (w = 3, 1,000 images); pooled-only 99.6% (training wordings 99.2% -> 99.5%, recall 0.59 -> 0.56)
     "fashion-mnist": LDMConfig(unet=UNET_PRESETS["fashion-mnist"], dit=DIT_PRESETS["fashion-mnist"],
                                text_tokens=False),
+    # also prompted by images (CLIP image embeddings, `ldmkit sample --image-prompt`); text-only quality in
+    # docs/benchmarks.md
+    "fashion-mnist-image": LDMConfig(unet=UNET_PRESETS["fashion-mnist"], dit=DIT_PRESETS["fashion-mnist"],
+                                     text_tokens=False, image_condition=True),
     "fashion-mnist-dit": LDMConfig(backbone="dit", unet=UNET_PRESETS["fashion-mnist"],
                                    dit=DIT_PRESETS["fashion-mnist"]),
     # 16x16 latents make a step ~4x the Fashion-MNIST one: batch 64; about 20 minutes on 2 AVX512-BF16 cores
@@ -95,10 +109,14 @@ def bind(cfg: LDMConfig, ae_dir: str, text_spec: str):
     ae, scale, shift = load_autoencoder(ae_dir)
     text, tinfo = load_text_encoder(text_spec)
     f = ae.cfg.downsample_factor
+    if cfg.image_condition and tinfo["kind"] != "clip":
+        raise ValueError(f"image_condition=true reads CLIP image embeddings: --text-encoder {text_spec} must be a "
+                         "CLIP stage directory (its image tower embeds the images)")
     cond = Conditioning(autoencoder=str(ae_dir), autoencoder_sha256=weights_hash(ae_dir),
                         text_encoder=str(text_spec), text_encoder_sha256=tinfo["sha256"],
                         context_dim=text.context_dim, pooled_dim=text.pooled_dim, scale_factor=scale,
-                        shift_factor=shift, latent_shape=(ae.cfg.latent_channels, 32 // f, 32 // f))
+                        shift_factor=shift, latent_shape=(ae.cfg.latent_channels, 32 // f, 32 // f),
+                        image_dim=text.pooled_dim if cfg.image_condition else 0)
     return dataclasses.replace(cfg, conditioning=cond), ae, text
 
 
@@ -136,6 +154,7 @@ def train(cfg: LDMConfig, out, spec: str, ds, ae_dir: str, text_spec: str, resum
     opt = common.make_adamw(model.parameters(), tc)
     start = run.restore({"model": model, "ema": ema}, {"opt": opt})
     encode = PromptEncoder(text, tokens=cfg.text_tokens)
+    embeds = image_embeddings(text_spec, c.text_encoder_sha256, ds, spec, out) if cfg.image_condition else None
     prompts_grid = grid_prompts(ds)
     step, loss = start, torch.zeros(())
     for step in run.steps(start, tc.steps):
@@ -143,6 +162,9 @@ def train(cfg: LDMConfig, out, spec: str, ds, ae_dir: str, text_spec: str, resum
         x0 = draw_latents(cache, idx, gidx, tc.seed, c.scale_factor, c.shift_factor, cfg.latent_sample)
         captions = [ds.caption(int(i), random.Random(example_seed(tc.seed, int(g), 2))) for i, g in zip(idx, gidx)]
         cond = {k: v.to(run.device) for k, v in encode(captions).items() if k != "drop"}
+        if embeds is not None:  # the training image's own CLIP embedding, dropped independently of the text
+            cond["image"] = embeds[idx].to(run.device)
+            cond["drop_image"] = draw_image_drop(tc.seed, gidx, cfg.p_image_uncond).to(run.device)
         common.set_lr(opt, common.lr_at(step, tc))
         with common.autocast(run.device, tc.precision):
             loss = training_loss(net, x0.to(run.device), cond, gidx, cfg.objective, tc.seed).mean()
@@ -161,6 +183,27 @@ def train(cfg: LDMConfig, out, spec: str, ds, ae_dir: str, text_spec: str, resum
     if run.is_main:
         run.image(sample_grid(ema, cfg, encode, prompts_grid, ae), "samples", nrow=8)
     return run.finish(ema.state_dict(), metrics, step)
+
+
+def draw_image_drop(seed: int, gidx: torch.Tensor, p: float) -> torch.Tensor:
+    """(B,) bool: drop sample g's image condition with probability p, seeded by (seed, g) alone."""
+    return torch.tensor([torch.rand((), generator=g).item() < p
+                         for g in example_generators(seed, gidx, IMAGE_DROP_STREAM)], dtype=torch.bool)
+
+
+def image_embeddings(clip_dir: str, clip_hash: str, ds, spec: str, out) -> torch.Tensor:
+    """(N, E) unit CLIP image embeddings of the training images, computed once and kept in the stage directory
+    (`image-embeddings.safetensors`, bound to the CLIP weights' hash)."""
+    path = Path(out) / "image-embeddings.safetensors"
+    meta = {"clip_sha256": clip_hash, "data": spec, "n": str(len(ds))}
+    if path.exists():
+        with safe_open(str(path), "pt") as f:
+            if f.metadata() == meta:
+                return f.get_tensor("embeddings")
+    feats = image_features(load_clip(clip_dir), ds.images)
+    with atomic_path(path) as tmp:
+        save_file({"embeddings": feats.contiguous()}, str(tmp), metadata=meta)
+    return feats
 
 
 @torch.no_grad()
