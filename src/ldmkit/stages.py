@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ldmkit.autoencoder import AutoencoderConfig, AutoencoderKL
+from ldmkit.autoencoder import AutoencoderConfig, make_autoencoder
 from ldmkit.autoencoder.fast_decoder import FastDecoder, FastDecoderConfig
 from ldmkit.checkpoint import file_hash, load_safetensors, read_json
 from ldmkit.conditioning import CLIPConfig, CLIPModel, MiniLMTextEncoder, Tokenizer
@@ -72,10 +72,11 @@ def _load_weights(model: torch.nn.Module, path: Path) -> torch.nn.Module:
 
 
 def load_autoencoder(path: str | Path):
-    """(AutoencoderKL in eval mode, scale_factor, shift_factor) from an autoencoder stage directory."""
+    """(AutoencoderKL, or PixelSpace for pixel-space diffusion, in eval mode, scale_factor, shift_factor) from an
+    autoencoder stage directory."""
     path = Path(path)
     cfg = stage_config(path, "autoencoder")
-    model = _load_weights(AutoencoderKL(from_dict(AutoencoderConfig, cfg["model"])), path)
+    model = _load_weights(make_autoencoder(from_dict(AutoencoderConfig, cfg["model"])), path)
     metrics = read_json(path / "metrics.json") if (path / "metrics.json").exists() else {}
     scale = metrics.get("scale_factor", model.cfg.scaling_factor)
     shift = metrics.get("shift_factor", model.cfg.shift_factor) or 0.0

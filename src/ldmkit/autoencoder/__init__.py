@@ -22,10 +22,11 @@ from ldmkit.autoencoder.loss import (
 )
 from ldmkit.autoencoder.lpips import LPIPS, VGG16Features, load_lpips_heads, load_vgg16, lpips_vgg16
 from ldmkit.autoencoder.posterior import DiagonalGaussian, PointPosterior
-from ldmkit.autoencoder.vae import PRESETS, AutoencoderConfig, AutoencoderKL
+from ldmkit.autoencoder.vae import PRESETS, AutoencoderConfig, AutoencoderKL, PixelSpace, make_autoencoder
 
 __all__ = [
-    "AutoencoderConfig", "AutoencoderKL", "DiagonalGaussian", "PointPosterior", "PRESETS",
+    "AutoencoderConfig", "AutoencoderKL", "PixelSpace", "make_autoencoder", "DiagonalGaussian", "PointPosterior",
+    "PRESETS",
     "sample_prior", "interpolate",
     "LossConfig", "generator_loss", "discriminator_loss", "adaptive_gan_weight", "disc_factor",
     "init_output_logvar", "build_discriminator", "build_perceptual",

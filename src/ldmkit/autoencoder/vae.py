@@ -41,6 +41,8 @@ class AutoencoderConfig:
     patch_size: int = 1  # p > 1: the encoder reads p x p pixel patches as channels (pixel_unshuffle) and the
     #                      decoder writes them (pixel_shuffle); the factor grows p-fold without a full-resolution level
     variational: bool = True  # False: a plain autoencoder (the encoder outputs z itself, no sampling, no KL term)
+    pixel_space: bool = False  # no network at all: the "latent" is the image itself (f = 1), so a pipeline built on
+    #                            it diffuses in pixel space and differs from a latent one in nothing else
 
     def __post_init__(self):
         if not self.block_out_channels:
@@ -56,9 +58,14 @@ class AutoencoderConfig:
             raise ValueError(f"patch_size={self.patch_size} must be >= 1 (1 = no patchifying)")
         if self.logvar_clamp[0] >= self.logvar_clamp[1]:
             raise ValueError(f"logvar_clamp={self.logvar_clamp} must be (low, high) with low < high")
+        if self.pixel_space and self.latent_channels != self.in_channels:
+            raise ValueError(f"pixel_space: the latent is the image, so latent_channels={self.latent_channels} must "
+                             f"equal in_channels={self.in_channels}")
 
     @property
     def downsample_factor(self) -> int:
+        if self.pixel_space:
+            return 1
         return self.patch_size * 2 ** (len(self.block_out_channels) - 1)
 
     @property
@@ -310,6 +317,50 @@ class AutoencoderKL(nn.Module):
         return model
 
 
+class PixelSpace(nn.Module):
+    """The identity "autoencoder" of pixel-space diffusion: encode gives the image itself as a point posterior,
+    decode returns the latent unchanged. Same interface as `AutoencoderKL`; its one (empty) tensor only carries
+    the device."""
+
+    def __init__(self, cfg: AutoencoderConfig):
+        super().__init__()
+        if not cfg.pixel_space:
+            raise ValueError("PixelSpace needs AutoencoderConfig(pixel_space=True)")
+        self.cfg = cfg
+        self.anchor = nn.Parameter(torch.zeros(0), requires_grad=False)
+
+    def encode(self, x: torch.Tensor) -> PointPosterior:
+        return PointPosterior(self.encode_moments(x))
+
+    def encode_moments(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4 or x.shape[1] != self.cfg.in_channels:
+            raise ValueError(f"encode expects (B, {self.cfg.in_channels}, H, W) images, got {tuple(x.shape)}")
+        return x.float()
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        if z.ndim != 4 or z.shape[1] != self.cfg.latent_channels:
+            raise ValueError(f"decode expects (B, {self.cfg.latent_channels}, h, w) images, got {tuple(z.shape)}")
+        return z
+
+    decode_untiled = decode
+
+    def enable_tiling(self, tile: int = 16, overlap: int = 4) -> PixelSpace:
+        return self  # nothing to tile: every pixel is its own latent
+
+    def disable_tiling(self) -> PixelSpace:
+        return self
+
+    def forward(self, x: torch.Tensor, sample: bool = True, generator: torch.Generator | None = None,
+                noise: torch.Tensor | None = None) -> tuple[torch.Tensor, PointPosterior]:
+        posterior = self.encode(x)
+        return posterior.mean, posterior
+
+
+def make_autoencoder(cfg: AutoencoderConfig) -> AutoencoderKL | PixelSpace:
+    """The autoencoder a config describes: `PixelSpace` for pixel_space=True, else `AutoencoderKL`."""
+    return PixelSpace(cfg) if cfg.pixel_space else AutoencoderKL(cfg)
+
+
 PRESETS = {
     # seconds to train in tests: 32x32 -> 8x8x4, 62k params
     "tiny": AutoencoderConfig(in_channels=1, out_channels=1, block_out_channels=(8, 16, 16), layers_per_block=1,
@@ -320,6 +371,9 @@ PRESETS = {
     # captioned shapes, RGB 32x32 -> 8x8x4
     "shapes": AutoencoderConfig(in_channels=3, out_channels=3, block_out_channels=(32, 64, 96),
                                 layers_per_block=1, latent_channels=4, norm_groups=16),
+    # pixel-space diffusion: no autoencoder (channels come from the data)
+    "pixels": AutoencoderConfig(in_channels=1, out_channels=1, latent_channels=1, variational=False,
+                                pixel_space=True),
     # the Stable Diffusion v1/v2 VAE layout (83.7M params), factor 8
     "sd": AutoencoderConfig(scaling_factor=0.18215),
 }

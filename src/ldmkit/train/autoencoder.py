@@ -25,7 +25,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ldmkit.autoencoder import LPIPS, AutoencoderConfig, AutoencoderKL, build_perceptual, load_featnet, save_featnet
+from ldmkit.autoencoder import (
+    LPIPS,
+    AutoencoderConfig,
+    AutoencoderKL,
+    PixelSpace,
+    build_perceptual,
+    load_featnet,
+    make_autoencoder,
+    save_featnet,
+)
 from ldmkit.autoencoder import PRESETS as AE_PRESETS
 from ldmkit.autoencoder.loss import PRESETS as LOSS_PRESETS
 from ldmkit.autoencoder.loss import (
@@ -90,6 +99,9 @@ PRESETS = {
         disc_warmup_steps=650,  # the discriminator learns alone before its term reaches the autoencoder
         stats_images=5000, eval_images=2000),  # keep the end of the run to seconds (`autoencoder eval`: all)
     # For CPUs without fast bf16 (AVX2): 2x2 pixel patches as channels, widths 32 / 64 (0.66M params), AdamW
+    # pixel-space diffusion: the identity "autoencoder" (no steps; the stage records the pixels' scale)
+    "pixels": AutoencoderStage(model=AE_PRESETS["pixels"], loss=LOSS_PRESETS["tiny"], stats_images=5000,
+                               eval_images=256, train=TrainConfig(steps=0)),
     "fashion-mnist-small": AutoencoderStage(
         model=dataclasses.replace(AE_PRESETS["fashion-mnist"], block_out_channels=(32, 64), patch_size=2),
         loss=dataclasses.replace(LOSS_PRESETS["fashion-mnist"], disc_weight=0.02, disc_start=4250),
@@ -132,7 +144,8 @@ def fit_channels(cfg: AutoencoderStage, channels: int) -> AutoencoderStage:
                                  "--set channels_from_data=true")
         return cfg
     return dataclasses.replace(
-        cfg, model=dataclasses.replace(m, in_channels=channels, out_channels=channels),
+        cfg, model=dataclasses.replace(m, in_channels=channels, out_channels=channels,
+                                       **({"latent_channels": channels} if m.pixel_space else {})),
         loss=dataclasses.replace(cfg.loss, discriminator=dataclasses.replace(d, in_channels=channels)))
 
 
@@ -164,7 +177,7 @@ def perceptual_module(cfg: AutoencoderStage, out: Path, ds, run):
 
 def build(cfg: AutoencoderStage, channels: int, device: torch.device):
     """Modules {"model", "ema", "disc" if the GAN is on, "logvar" if learned} and optimizers {"opt", "opt_disc"}."""
-    model = AutoencoderKL(cfg.model).to(device)
+    model = make_autoencoder(cfg.model).to(device)
     modules: dict[str, nn.Module] = {"model": model, "ema": copy.deepcopy(model).eval().requires_grad_(False)}
     params = list(model.parameters())
     disc = build_discriminator(cfg.loss, channels)
@@ -190,6 +203,9 @@ def train(cfg: AutoencoderStage, out, spec: str, ds, resume: bool = False, init_
     tc, lc = cfg.train, cfg.loss
     run = common.start_run(out, cfg, tc, "autoencoder", data=spec, dataset=ds, resume=resume, init_from=init_from,
                            progress=progress)
+    if cfg.model.pixel_space:  # nothing to learn: record the pixels' scale, and the stage is done
+        model = PixelSpace(cfg.model)
+        return run.finish(model.state_dict(), {**final_metrics(model, cfg, ds, spec), "params": 0}, 0)
     lpips = perceptual_module(cfg, out, ds, run)
     modules, optimizers = build(cfg, ds.channels, run.device)
     model, ema, disc, opt = modules["model"], modules["ema"], modules.get("disc"), optimizers["opt"]

@@ -63,6 +63,14 @@ PRESETS = {
         fast_decoder=StagePlan("fashion-mnist", minutes=6), distilled=StagePlan("fashion-mnist", minutes=6),
         onestep=StagePlan("fashion-mnist", ("one_step_from=2",), minutes=6),
         guidance_rescale=0.7),  # rescale keeps accuracy within half a point and buys recall (docs/benchmarks.md)
+    # pixel-space diffusion: the identity autoencoder, everything else as in the latent presets
+    "tiny-pixels": PipelinePreset(data="shapes", autoencoder=StagePlan("pixels", ("stats_images=256",)),
+                                  clip=StagePlan("tiny"), denoiser=StagePlan("tiny"), classifier=StagePlan("tiny"),
+                                  steps=4),
+    "fashion-mnist-pixels": PipelinePreset(
+        data="fashion-mnist", eval_classifier=StagePlan("fashion-mnist", minutes=6), autoencoder=StagePlan("pixels"),
+        clip=StagePlan("fashion-mnist", minutes=8), denoiser=StagePlan("fashion-mnist", minutes=300),
+        classifier=StagePlan("fashion-mnist", minutes=40), guidance_rescale=0.7),
     "shapes": PipelinePreset(data="shapes", autoencoder=StagePlan("shapes", minutes=12),
                              clip=StagePlan("shapes", minutes=11), denoiser=StagePlan("shapes", minutes=20)),
     # image folders, by resolution: 16x16x8 latents at 32 and at 64 pixels; a noise-aware classifier when the
