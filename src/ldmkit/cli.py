@@ -39,6 +39,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("sample",): ("ldmkit.sample:main", "generate images from prompts with a pipeline directory"),
     ("export",): ("ldmkit.export:main", "copy a pipeline for sharing: weights only (bf16 or fp32), hashes rebound"),
     ("serve",): ("ldmkit.serve:main", "a local web UI: text to image, edits, a look inside the latent space"),
+    ("experiment",): ("ldmkit.experiments:main", "the lecture's claims, measured: plots, numbers, docs/experiments.md"),
     ("demo",): ("ldmkit.demo:main", "the lecture on the bundled pipelines: an HTML report with every stage at work"),
 }
 

@@ -1,0 +1,179 @@
+"""What every experiment shares: where it writes, how it resumes, how it trains a stage and how it judges images.
+
+An experiment writes its figures (PNG) and its numbers (`NAME.json`) to the output folder (docs/experiments by
+default) and keeps what it trains and every intermediate result in its work folder (runs/experiments/NAME). Each
+intermediate result is memoised by a key (`Context.memo`) and each training run resumes from its last checkpoint, so
+an interrupted experiment continues where it stopped when the same command runs again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from ldmkit.checkpoint import provenance, read_json, write_json
+
+CLASSES_PER_ROW = 10
+
+
+def machine() -> dict:
+    """The machine a result was measured on: CPU model, cores, torch build, load average."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "load_average": round(os.getloadavg()[0], 2)}
+
+
+@dataclass
+class Context:
+    """One experiment's run: its name, folders, the bundled pipeline it builds on, and the quick switch (tests)."""
+
+    name: str
+    out: Path                   # figures and NAME.json (docs/experiments)
+    work: Path                  # trained stages and memoised results (runs/experiments/NAME)
+    pipeline: Path              # the bundled Fashion-MNIST pipeline (autoencoder, CLIP, eval classifier, ...)
+    quick: bool = False         # minutes -> seconds: tiny budgets and few images (tests), same code path
+    data_dir: str | None = None
+    progress: bool = True
+    started: float = field(default_factory=time.perf_counter)
+
+    def __post_init__(self):
+        self.out, self.work, self.pipeline = Path(self.out), Path(self.work), Path(self.pipeline)
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.work / "memo").mkdir(parents=True, exist_ok=True)
+
+    def log(self, msg: str) -> None:
+        if self.progress:
+            print(f"[{self.name} {time.perf_counter() - self.started:6.0f} s] {msg}", flush=True)
+
+    def memo(self, key: str, fn: Callable[[], Any]) -> Any:
+        """fn()'s JSON-able result, computed once: a rerun after an interruption reads it back."""
+        path = self.work / "memo" / f"{key}.json"
+        if path.exists():
+            return read_json(path)
+        value = fn()
+        write_json(path, value)
+        return value
+
+    def figure(self, suffix: str) -> Path:
+        return self.out / f"{self.name}-{suffix}.png"
+
+    def n(self, full: int, quick: int) -> int:
+        return quick if self.quick else full
+
+
+def stage_dir(ctx: Context, name: str, fit: Callable[[Path, bool], Any]) -> Path:
+    """Train a stage into work/NAME once: a finished one is kept, an interrupted one resumes."""
+    out = ctx.work / name
+    if not ((out / "metrics.json").exists() and (out / "model.safetensors").exists()):
+        ctx.log(f"training {name}")
+        fit(out, (out / "state.pt").exists())
+    return out
+
+
+def assemble_pipeline(ctx: Context, name: str, stages: dict[str, Path], defaults: dict | None = None) -> Path:
+    """A pipeline folder work/NAME from stage folders (copied in by hard links) and pipeline.json: bundled stages
+    and ones trained here combine freely, as long as each is bound to the autoencoder and CLIP it names."""
+    from ldmkit.stages import PIPELINE_FORMAT, load_autoencoder, stage_config, stage_entry
+    root = ctx.work / name
+    root.mkdir(parents=True, exist_ok=True)
+    for stage, src in stages.items():
+        dst = root / stage
+        if dst.exists():
+            shutil.rmtree(dst)
+        shutil.copytree(src, dst, copy_function=os.link, ignore=shutil.ignore_patterns("latents", "state.pt"))
+    base = read_json(ctx.pipeline / "pipeline.json")
+    _, scale, shift = load_autoencoder(root / "autoencoder")
+    dcfg = stage_config(root / "denoiser", "ldm")
+    spec = {**{k: base[k] for k in ("format", "data", "image", "data_options") if k in base},
+            "format": PIPELINE_FORMAT, "stages": {s: stage_entry(root, s) for s in stages},
+            "latent": {"scale_factor": scale, "shift_factor": shift, "shape": dcfg["conditioning"]["latent_shape"]},
+            "defaults": {**base["defaults"], **(defaults or {})}, "provenance": provenance()}
+    write_json(root / "pipeline.json", spec)
+    return root
+
+
+class Judge:
+    """The bundled pipeline's frozen evaluation classifier, with the Fashion-MNIST splits it scores against."""
+
+    def __init__(self, ctx: Context):
+        from ldmkit.data.fashion import fashion_uint8
+        from ldmkit.eval.score import load_eval_classifier
+        self.model, self.sha = load_eval_classifier(ctx.pipeline)
+        self.xtr, self.ytr = fashion_uint8("train", ctx.data_dir)
+        self.xte, self.yte = fashion_uint8("test", ctx.data_dir)
+
+    def features(self, images) -> tuple[torch.Tensor, torch.Tensor]:
+        from ldmkit.eval.classifier import predict
+        return predict(self.model, images)
+
+    def score(self, images: np.ndarray, labels) -> dict:
+        """Accuracy, FD, precision, recall (k = 3, against the test set) and within-class diversity: the mean
+        distance between two samples of one class in the classifier's features, over the same for real images."""
+        from ldmkit.eval.classifier import score_images
+        labels = np.asarray(labels)
+        r = score_images(self.model, images, torch.as_tensor(labels), self.xte, self.xtr, real_test_labels=self.yte)
+        out = {k: r[k] for k in ("accuracy", "fd", "precision", "recall", "fd_floor", "recall_floor")}
+        out["diversity"] = self.diversity(images, labels)
+        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in out.items()}
+
+    def diversity(self, images: np.ndarray, labels: np.ndarray) -> float:
+        _, f = self.features(images)
+        _, fr = self.features(self.xte)
+        ratios = []
+        for c in np.unique(labels):
+            a, b = f[torch.as_tensor(labels == c)], fr[torch.as_tensor(self.yte == c)][:len(f)]
+            if len(a) > 1:
+                ratios.append(float(torch.pdist(a).mean() / torch.pdist(b).mean()))
+        return float(np.mean(ratios)) if ratios else float("nan")
+
+
+def class_prompts(per_class: int, template: str = "a photo of a {}") -> tuple[list[str], list[int]]:
+    from ldmkit.data import FASHION_CLASSES, fill_template
+    rows = [(fill_template(template, name), c) for c, name in enumerate(FASHION_CLASSES) for _ in range(per_class)]
+    return [p for p, _ in rows], [c for _, c in rows]
+
+
+def save_grid(images: np.ndarray, path: Path, nrow: int = CLASSES_PER_ROW, scale: int = 2) -> Path:
+    from ldmkit.images import grid, save_png
+    save_png(grid(images, nrow=nrow, scale=scale), path)
+    return path
+
+
+def pyplot():
+    """matplotlib's pyplot with a file-only backend (the `experiments` extra)."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError("ldmkit experiment draws its plots with matplotlib: pip install 'ldmkit[experiments]'") \
+            from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def result(ctx: Context, numbers: dict, verdict: str, figures: list[Path], notes: str = "") -> dict:
+    """The record an experiment returns: numbers, its verdict on the claim, its figures and how it was made."""
+    return {"name": ctx.name, "verdict": verdict, "numbers": numbers, "notes": notes,
+            "figures": [Path(f).name for f in figures], "quick": ctx.quick,
+            "command": f"ldmkit experiment {ctx.name}", "minutes": round((time.perf_counter() - ctx.started) / 60, 1),
+            "machine": machine(), "provenance": provenance()}
+
+
+def dumps(obj) -> str:
+    return json.dumps(obj, indent=1, sort_keys=True)
