@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--page", default="docs/experiments.md", help="the page rewritten from every result in --out")
     p.add_argument("--work", default="runs/experiments", help="trained stages and intermediate results")
     p.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST idx files")
-    p.add_argument("--quick", action="store_true", help="tiny budgets (seconds): checks the code path, measures nothing")
+    p.add_argument("--quick", action="store_true", help="tiny budgets (seconds): checks the code path, "
+                   "measures nothing")
     p.add_argument("--force", action="store_true", help="with all: rerun experiments that already have a result")
     p.add_argument("--restart", action="store_true", help="forget the work folder's trained stages and results first")
     p.add_argument("--no-progress", action="store_true")
@@ -87,8 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         module(name)  # an unknown name fails before anything runs
     if not (Path(args.pipeline) / "pipeline.json").exists():
-        raise FileNotFoundError(f"--pipeline {args.pipeline} has no pipeline.json; the experiments build on the bundled "
-                                "Fashion-MNIST pipeline (pretrained/fashion-mnist, run from the repository's root)")
+        raise FileNotFoundError(f"--pipeline {args.pipeline} has no pipeline.json; the experiments build on the "
+                                "bundled Fashion-MNIST pipeline (pretrained/fashion-mnist, run from the repository's "
+                                "root)")
     for name in names:
         if args.restart:
             shutil.rmtree(Path(args.work) / name, ignore_errors=True)

@@ -71,6 +71,14 @@ PRESETS = {
         data="fashion-mnist", eval_classifier=StagePlan("fashion-mnist", minutes=6), autoencoder=StagePlan("pixels"),
         clip=StagePlan("fashion-mnist", minutes=8), denoiser=StagePlan("fashion-mnist", minutes=300),
         classifier=StagePlan("fashion-mnist", minutes=40), guidance_rescale=0.7),
+    # the same pipeline whose denoiser also reads image prompts (`ldmkit sample --image-prompt`): same stages and
+    # budgets, the denoiser conditioned on CLIP image embeddings too (docs/benchmarks.md: what it costs text prompts)
+    "fashion-mnist-image": PipelinePreset(
+        data="fashion-mnist", eval_classifier=StagePlan("fashion-mnist", minutes=6),
+        autoencoder=StagePlan("fashion-mnist", minutes=12), clip=StagePlan("fashion-mnist", minutes=8),
+        denoiser=StagePlan("fashion-mnist-image", minutes=20), classifier=StagePlan("fashion-mnist", minutes=6),
+        fast_decoder=StagePlan("fashion-mnist", minutes=6), distilled=StagePlan("fashion-mnist", minutes=6),
+        onestep=StagePlan("fashion-mnist", ("one_step_from=2",), minutes=6), guidance_rescale=0.7),
     "shapes": PipelinePreset(data="shapes", autoencoder=StagePlan("shapes", minutes=12),
                              clip=StagePlan("shapes", minutes=11), denoiser=StagePlan("shapes", minutes=20)),
     # image folders, by resolution: 16x16x8 latents at 32 and at 64 pixels; a noise-aware classifier when the
