@@ -86,6 +86,27 @@ def stage_dir(ctx: Context, name: str, fit: Callable[[Path, bool], Any]) -> Path
     return out
 
 
+def _link_or_copy(src, dst):
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def bundled_autoencoder(ctx: Context) -> Path:
+    """The bundled autoencoder stage, hard-linked once into the work root and shared by every experiment: the latent
+    cache a denoiser's training writes beside its autoencoder lands there (encoded once for all of them), never in
+    the bundled pipeline. The cache is bound to the weights' hash and the data's size, so quick runs keep apart."""
+    dst = ctx.work.parent / "bundled-autoencoder"
+    if not dst.exists():
+        part = ctx.work.parent / "bundled-autoencoder.partial"  # renamed when complete: a broken copy is never used
+        shutil.rmtree(part, ignore_errors=True)
+        shutil.copytree(ctx.pipeline / "autoencoder", part, copy_function=_link_or_copy,
+                        ignore=shutil.ignore_patterns("latents", "state.pt"))
+        part.rename(dst)
+    return dst
+
+
 def assemble_pipeline(ctx: Context, name: str, stages: dict[str, Path], defaults: dict | None = None) -> Path:
     """A pipeline folder work/NAME from stage folders (copied in by hard links) and pipeline.json: bundled stages
     and ones trained here combine freely, as long as each is bound to the autoencoder and CLIP it names."""
@@ -96,7 +117,7 @@ def assemble_pipeline(ctx: Context, name: str, stages: dict[str, Path], defaults
         dst = root / stage
         if dst.exists():
             shutil.rmtree(dst)
-        shutil.copytree(src, dst, copy_function=os.link, ignore=shutil.ignore_patterns("latents", "state.pt"))
+        shutil.copytree(src, dst, copy_function=_link_or_copy, ignore=shutil.ignore_patterns("latents", "state.pt"))
     base = read_json(ctx.pipeline / "pipeline.json")
     _, scale, shift = load_autoencoder(root / "autoencoder")
     dcfg = stage_config(root / "denoiser", "ldm")

@@ -16,8 +16,6 @@ training images once ~1.5 min, training 4 x 600 steps ~9 min, sampling 42 points
 from __future__ import annotations
 
 import functools
-import os
-import shutil
 import time
 
 import numpy as np
@@ -26,6 +24,7 @@ from ldmkit.experiments.common import (
     Context,
     Judge,
     assemble_pipeline,
+    bundled_autoencoder,
     class_prompts,
     pyplot,
     result,
@@ -74,13 +73,7 @@ def _train_denoiser(ctx: Context, p: float):
         from ldmkit.config import apply_overrides
         from ldmkit.data import load_dataset
         from ldmkit.train import ldm
-        ae = ctx.work / "autoencoder"  # a linked copy: the latent cache is written beside it, not into the bundle
-        if not ae.exists():
-            part = ctx.work / "autoencoder.partial"
-            shutil.rmtree(part, ignore_errors=True)
-            shutil.copytree(ctx.pipeline / "autoencoder", part, copy_function=os.link,
-                            ignore=shutil.ignore_patterns("latents"))
-            part.rename(ae)
+        ae = bundled_autoencoder(ctx)  # the latent cache is written beside it, not into the bundle
         cfg = apply_overrides(ldm.PRESETS["fashion-mnist"], [  # same budget for every p
             f"objective.p_uncond={p}", f"train.steps={ctx.n(TRAIN_STEPS, 3)}",
             f"train.warmup_steps={ctx.n(20, 1)}", f"train.ema_halflife_steps={ctx.n(30, 1)}",
