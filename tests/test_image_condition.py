@@ -192,3 +192,22 @@ def test_sample_image_prompt_end_to_end(image_pipeline, tiny_pipeline, tmp_path,
     assert "trained on text alone" in err and "image_condition=true" in err
     assert cli(["sample", str(image_pipeline), "--out", str(tmp_path / "e.npz")]) == 2
     assert "--image-prompt FILE" in capsys.readouterr().err
+
+
+def test_image_prompt_errors_are_one_line(image_pipeline, tmp_path, capsys):
+    from ldmkit.cli import main as cli
+    from ldmkit.data import load_split
+    from ldmkit.images import save_png
+    save_png(load_split("shapes", "test", None).images[0].numpy().transpose(1, 2, 0), tmp_path / "p.png")
+    (tmp_path / "not-an-image.png").write_text("hello")
+    out = ["--out", str(tmp_path / "x.npz"), "--no-progress"]
+    cases = [(["--image-prompt", str(tmp_path / "missing.png")], "not found"),
+             (["--image-prompt", str(tmp_path / "not-an-image.png")], "not an image"),
+             (["--image-prompt", str(tmp_path / "p.png"), "--distilled"], "text guidance only"),
+             (["--image-prompt", str(tmp_path / "p.png"), "--guidance-mode", "apg"], "guided with cfg"),
+             (["--image-prompt", str(tmp_path / "p.png"), "--image-guidance", "nan"], "finite number")]
+    for extra, words in cases:
+        assert cli(["sample", str(image_pipeline), *extra, *out]) == 2
+        err = capsys.readouterr().err.strip()
+        assert words in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "x.npz").exists()
