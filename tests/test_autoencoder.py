@@ -310,7 +310,7 @@ def test_scale_factor_and_cache_round_trip(tmp_path):
 
 def test_presets_and_bad_input():
     assert {k: c.downsample_factor for k, c in PRESETS.items()} == {"tiny": 4, "fashion-mnist": 4, "shapes": 4,
-                                                                    "sd": 8}
+                                                                    "sd": 8, "pixels": 1}
     assert PRESETS["fashion-mnist"].in_channels == 1 and PRESETS["shapes"].in_channels == 3
     model = small_model()
     with pytest.raises(ValueError, match="divisible by the downsampling factor 2"):

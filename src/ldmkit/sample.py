@@ -52,10 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("pipeline", help="pipeline directory (pipeline.json + stage directories)")
     p.add_argument("--prompt", action="append", default=None, help="a prompt (repeatable); '' = unconditional")
-    p.add_argument("--image-prompt", default=None, metavar="FILE", help="condition on this image too (a denoiser "
-                   "trained with image conditions): alone it makes variations of it, with --prompt it mixes both")
-    p.add_argument("--image-guidance", type=float, default=None, metavar="W", help="guidance scale of the image "
-                   "prompt (--guidance is the text's); default: --guidance's value")
+    p.add_argument("--image-prompt", metavar="FILE", help="variations of this image (with --prompt: both mixed)")
+    p.add_argument("--image-guidance", type=float, metavar="W", help="the image's scale; default: --guidance")
     p.add_argument("--num", type=int, default=1, help="images per prompt (up to 10000)")
     p.add_argument("--out", required=True, help="samples.npz (arrays) or grid.png (a grid)")
     p.add_argument("--guidance", type=float, default=None, help="CFG scale w (1 = conditional, 0 = "
@@ -146,8 +144,7 @@ def check_args(args) -> None:
     if args.image_prompt is not None:
         regular_file(args.image_prompt, "--image-prompt")
         if args.distilled or args.one_step:
-            raise ValueError("the distilled students reproduce text guidance only; drop --distilled / --one-step "
-                             "for --image-prompt")
+            raise ValueError("the distilled students reproduce text guidance only; drop --distilled / --one-step")
     if not 1 <= args.num <= 10000:
         raise ValueError(f"--num {args.num} must lie in 1..10000")
     for text in [*args.prompt, *([args.negative_prompt] if args.negative_prompt is not None else [])]:
