@@ -30,7 +30,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ldmkit.experiments.common import Context, Judge, assemble_pipeline, class_prompts, pyplot, result, stage_dir
+from ldmkit.experiments.common import (
+    Context,
+    Judge,
+    assemble_pipeline,
+    class_prompts,
+    pyplot,
+    result,
+    save_figure,
+    stage_dir,
+)
 
 NAME = "ae-vs-vae"
 TITLE = "what the KL term buys, from a plain autoencoder to a strong prior"
@@ -247,11 +256,7 @@ def _tradeoff(ctx: Context, points: list[dict]) -> Path:
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
     fig.suptitle("the KL weight's trade-off: reconstruction against a usable latent space", fontsize=10)
-    fig.tight_layout()
-    path = ctx.figure("tradeoff")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(ctx, fig, "tradeoff")
 
 
 def _latents(ctx: Context, points: list[dict], arrays: dict) -> Path:

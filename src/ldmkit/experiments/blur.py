@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ldmkit.experiments.ae_vs_vae import FEATNET, fashion, load_arrays, rounded, save_arrays, train_autoencoder
-from ldmkit.experiments.common import Context, Judge, pyplot, result
+from ldmkit.experiments.common import Context, Judge, pyplot, result, save_figure
 
 NAME = "blur"
 TITLE = "why L2 reconstructions blur, and what sharpens them"
@@ -182,11 +182,7 @@ def _zoom(ctx: Context, originals: np.ndarray, crops: dict, rows: list[dict]) ->
                 ax.set_title(name, fontsize=9)
     fig.suptitle(f"{ZOOM}x{ZOOM} crops of test images and their reconstructions (nearest-neighbour upscaled)",
                  fontsize=10)
-    fig.tight_layout()
-    path = ctx.figure("zoom")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(ctx, fig, "zoom")
 
 
 def section(res: dict, rel) -> str:

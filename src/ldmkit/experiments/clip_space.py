@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ldmkit.experiments.common import Context, pyplot, result, save_grid
+from ldmkit.experiments.common import Context, pyplot, result, save_figure, save_grid
 
 NAME = "clip-space"
 TITLE = "one space for text and images"
@@ -101,11 +101,7 @@ def _projection(ctx: Context, img, y, canon, trained, para):
     ax.set_title("CLIP embeddings, PCA: test images (dots), training-template captions (stars),\n"
                  "held-out paraphrases (crosses)", fontsize=10)
     ax.legend(fontsize=7, markerscale=3, loc="best")
-    fig.tight_layout()
-    path = ctx.figure("pca")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(ctx, fig, "pca")
 
 
 def _retrieval(ctx: Context, ds, idx, t2i_top, k: int = 8):

@@ -216,6 +216,15 @@ def pyplot():
     return plt
 
 
+def save_figure(ctx: Context, fig, suffix: str) -> Path:
+    """Lay out, write (ctx.figure(suffix), 110 dpi) and close a matplotlib figure; its path."""
+    fig.tight_layout()
+    path = ctx.figure(suffix)
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
+    return path
+
+
 def result(ctx: Context, numbers: dict, verdict: str, figures: list[Path], notes: str = "") -> dict:
     """The record an experiment returns: numbers, its verdict on the claim, its figures and how it was made."""
     return {"name": ctx.name, "verdict": verdict, "numbers": numbers, "notes": notes,

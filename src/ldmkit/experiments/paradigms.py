@@ -26,7 +26,16 @@ from pathlib import Path
 import numpy as np
 
 from ldmkit.checkpoint import read_json
-from ldmkit.experiments.common import Context, Judge, bundled_autoencoder, class_prompts, pyplot, result, save_grid
+from ldmkit.experiments.common import (
+    Context,
+    Judge,
+    bundled_autoencoder,
+    class_prompts,
+    pyplot,
+    result,
+    save_figure,
+    save_grid,
+)
 from ldmkit.experiments.pixel_vs_latent import (
     class_columns,
     fashion_train,
@@ -165,11 +174,7 @@ def _curves(ctx: Context, n: dict) -> Path:
     g = n["guidance"]
     fig.suptitle(f"{n['images_per_point']} images per point, guidance w = {g['scale']:g} (rescale {g['rescale']:g})",
                  fontsize=10)
-    fig.tight_layout()
-    path = ctx.figure("fd-vs-steps")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(ctx, fig, "fd-vs-steps")
 
 
 def _samples(ctx: Context, steps: int, per_class: int) -> Path | None:

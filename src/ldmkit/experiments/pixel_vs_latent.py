@@ -37,6 +37,7 @@ from ldmkit.experiments.common import (
     class_prompts,
     pyplot,
     result,
+    save_figure,
     save_grid,
     stage_dir,
 )
@@ -279,11 +280,7 @@ def _cost_figure(ctx: Context, n: dict) -> Path:
     axes[1].set_ylim(0, 1)
     fig.suptitle(f"equal training time ({n['budget_seconds'] / 60:g} min): {n['train_steps']['latent']} latent "
                  f"steps, {n['train_steps']['pixels']} pixel steps; {n['images_per_space']} images each", fontsize=10)
-    fig.tight_layout()
-    path = ctx.figure("cost")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(ctx, fig, "cost")
 
 
 def section(res: dict, rel) -> str:
