@@ -23,10 +23,10 @@ def _one_thread(one_thread):
     """Tiny models: one thread (the shared `one_thread` fixture)."""
 
 
-def build(name, image_dim=12):
+def build(name, image_dim=12, image_tokens=0):
     cls, cfg = BACKBONES[name]
     torch.manual_seed(0)
-    return cls(dataclasses.replace(cfg, image_dim=image_dim)).eval()
+    return cls(dataclasses.replace(cfg, image_dim=image_dim, image_tokens=image_tokens)).eval()
 
 
 def inputs(model, B=4):
@@ -35,7 +35,7 @@ def inputs(model, B=4):
     return dict(x=torch.randn(B, cfg.in_channels, 8, 8, generator=g), t=torch.rand(B, generator=g) * 1000,
                 context=torch.randn(B, 3, cfg.context_dim, generator=g),
                 pooled=torch.randn(B, cfg.pooled_dim, generator=g),
-                image=torch.randn(B, cfg.image_dim, generator=g))
+                image=torch.randn(B, *[cfg.image_tokens] * bool(cfg.image_tokens), cfg.image_dim, generator=g))
 
 
 def run(model, inp, **over):
@@ -43,17 +43,23 @@ def run(model, inp, **over):
     return model(kw.pop("x"), kw.pop("t"), **kw)
 
 
+@pytest.mark.parametrize("tokens", [0, 5], ids=["embedding", "tokens"])
 @pytest.mark.parametrize("name", BACKBONES)
-def test_image_input_starts_as_a_no_op_and_drop_image_is_the_null_embedding(name):
-    model = build(name)
+def test_image_input_starts_as_a_no_op_and_drop_image_is_the_null_embedding(name, tokens):
+    model = build(name, image_tokens=tokens)
+    projections = [model.image_proj] + ([model.image_context] if tokens else [])
+    fresh = inputs(model)  # at initialisation the projections are zero: the image does not reach the output
+    torch.testing.assert_close(run(model, fresh), run(model, fresh, image=-fresh["image"]))
     with torch.no_grad():  # the output layers start at zero: give every weight a value so the paths show
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.2)
-        model.image_proj.weight.zero_()
+        for m in projections:
+            m.weight.zero_()
     inp = inputs(model)
     torch.testing.assert_close(run(model, inp), run(model, inp, image=None))  # zero projection: image unseen
     with torch.no_grad():
-        model.image_proj.weight.normal_(0, 0.5)
+        for m in projections:
+            m.weight.normal_(0, 0.5)
     with_image, without = run(model, inp), run(model, inp, image=None)
     assert not torch.allclose(with_image, without, atol=1e-3)  # the image now reaches the output
     drop = torch.tensor([True, False, True, False])
@@ -75,6 +81,9 @@ def test_image_shape_errors_name_the_width(name):
         run(model, inp, image=torch.zeros(4, 5))
     with pytest.raises(ValueError, match="drop_image"):
         run(model, inp, drop_image=torch.zeros(4))
+    tokens = build(name, image_tokens=5)
+    with pytest.raises(ValueError, match="N=5, image_dim=12"):
+        run(tokens, inputs(tokens), image=torch.zeros(4, 12))
     text_only = build(name, image_dim=0)
     with pytest.raises(ValueError, match="no image condition"):
         run(text_only, inputs(text_only), image=torch.zeros(4, 12))
@@ -164,6 +173,14 @@ def test_embeddings_cache_is_bound_to_the_clip_weights(image_pipeline, tmp_path)
     assert (tmp_path / "image-embeddings.safetensors").stat().st_mtime_ns == stamp  # reused
     image_embeddings(str(clip_dir), "hash-b", ds, "shapes", tmp_path)
     assert (tmp_path / "image-embeddings.safetensors").stat().st_mtime_ns != stamp  # other weights: recomputed
+    # the image tower's tokens: float16 in the cache, the same file name, never mistaken for the embeddings
+    tokens = image_embeddings(str(clip_dir), "hash-b", ds, "shapes", tmp_path, tokens=True)
+    clip = load_clip(clip_dir)
+    with torch.no_grad():
+        want = clip.vision(ds.images[:7].float() / 127.5 - 1)[1]
+    assert tokens.dtype == torch.float16 and tokens.shape == (len(ds), *want.shape[1:])
+    torch.testing.assert_close(tokens[:7].float(), want, atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(image_embeddings(str(clip_dir), "hash-b", ds, "shapes", tmp_path), first)
 
 
 def test_sample_image_prompt_end_to_end(image_pipeline, tiny_pipeline, tmp_path, capsys):
@@ -192,6 +209,32 @@ def test_sample_image_prompt_end_to_end(image_pipeline, tiny_pipeline, tmp_path,
     assert "trained on text alone" in err and "image_condition=true" in err
     assert cli(["sample", str(image_pipeline), "--out", str(tmp_path / "e.npz")]) == 2
     assert "--image-prompt FILE" in capsys.readouterr().err
+
+
+def test_token_conditioned_pipeline_samples_from_image_prompts(image_pipeline, tmp_path):
+    """`--set denoiser:image_tokens=true`: the denoiser cross-attends to the image tower's tokens; sampling reads
+    them from the same image prompt, deterministically, and the prompt changes the samples."""
+    from ldmkit.checkpoint import read_json
+    from ldmkit.cli import main as cli
+    from ldmkit.data import load_split
+    from ldmkit.pipeline import Pipeline
+    from ldmkit.stages import load_clip
+    out = tmp_path / "tiny-tokens"
+    shutil.copytree(image_pipeline, out)
+    shutil.rmtree(out / "denoiser")
+    assert cli(["train", "pipeline", "--preset", "tiny", "--set", "denoiser:image_condition=true", "--set",
+                "denoiser:image_tokens=true", "--out", str(out), "--no-progress"]) == 0
+    pipe = Pipeline.load(out)
+    cond = read_json(out / "denoiser" / "config.json")["conditioning"]
+    vision = load_clip(out / "clip").vision
+    assert cond["image_tokens"] == vision.position_embedding.shape[1] and cond["image_dim"] == vision.config.width
+    prompts = load_split("shapes", "test", None).images[:2].numpy().transpose(0, 2, 3, 1)
+    assert pipe.image_embeddings(prompts).shape == (2, cond["image_tokens"], cond["image_dim"])
+    g = pipe.guidance(2.0, image_scale=2.0)
+    a = pipe.generate(["", ""], guidance=g, image_prompts=prompts, steps=3, progress=False)
+    b = pipe.generate(["", ""], guidance=g, image_prompts=prompts, steps=3, progress=False)
+    c = pipe.generate(["", ""], guidance=g, image_prompts=prompts[::-1].copy(), steps=3, progress=False)
+    assert a.shape == (2, 32, 32, 3) and np.array_equal(a, b) and not np.array_equal(a, c)
 
 
 def test_image_prompt_errors_are_one_line(image_pipeline, tmp_path, capsys):

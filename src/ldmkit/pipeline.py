@@ -105,7 +105,7 @@ def sample_latents(backbone, objective, encode: PromptEncoder, prompts: Sequence
                    steps: int = 20, spacing: str = "trailing", classifier=None, class_labels=None,
                    x_start: torch.Tensor | None = None, start_step: int = 0, inpaint=None,
                    progress: bool = False, micro_batch: int = MICRO_BATCH, precision: str = "fp32",
-                   image: torch.Tensor | None = None) -> torch.Tensor:
+                   image: torch.Tensor | None = None, guide=None) -> torch.Tensor:
     """Latents (B, *shape) for one batch of prompts; example j is seeded by (seed, indices[j]).
 
     image: CLIP image embeddings (B, E) of image prompts, for a denoiser trained with image conditions; the image
@@ -114,14 +114,17 @@ def sample_latents(backbone, objective, encode: PromptEncoder, prompts: Sequence
     x_start / start_step: image-to-image (start from a noised latent at sigmas[start_step]); inpaint:
     (known latents, mask with 1 = generate) keeps the known region by replacing x0_hat outside the mask.
     precision "bf16": the backbone runs under bf16 autocast (where the hardware has bf16), the sampler in fp32.
+    guide: the weaker backbone (same objective) that `guidance.mode` "autoguidance" guides with.
     """
     device = next(backbone.parameters()).device if isinstance(backbone, torch.nn.Module) else "cpu"
-    denoise = make_denoiser(in_precision(fixed_chunks(backbone, micro_batch), precision, device), objective)
+    net = lambda b: make_denoiser(in_precision(fixed_chunks(b, micro_batch), precision, device), objective)  # noqa
+    denoise = net(backbone)
     cond = encode(prompts)
     uncond = encode([guidance.negative_prompt]) if guidance.negative_prompt is not None else \
         {**cond, "drop": torch.ones(len(prompts), dtype=torch.bool)}
     if image is None:
-        fn = guidance.wrap(denoise, cond, uncond, rescale_space=_space(objective))
+        fn = guidance.wrap(denoise, cond, uncond, rescale_space=_space(objective),
+                           guide=None if guide is None else net(guide))
     else:
         if guidance.mode != "cfg":
             raise ValueError(f"image prompts are guided with cfg; guidance mode {guidance.mode!r} is for text alone")
@@ -157,12 +160,13 @@ class Pipeline:
     """Autoencoder + frozen text encoder + denoiser (+ noise-aware classifier) behind one call."""
 
     def __init__(self, root: Path, spec: dict, autoencoder, text_encoder, backbone, objective, classifier=None,
-                 text_tokens: bool = True, fast_decoder=None, distilled=None, onestep=None):
+                 text_tokens: bool = True, fast_decoder=None, distilled=None, onestep=None, guide=None):
         """The loaded stages (`Pipeline.load` reads them from a pipeline directory)."""
         self.root, self.spec = root, spec
         self.fast_decoder = fast_decoder
         self.distilled = distilled  # (guidance-distilled backbone, its config) or None
         self.onestep = onestep  # (its one-step student, config) or None
+        self.guide = guide  # the weaker denoiser autoguidance guides with (guide/), or None
         self.autoencoder, self.backbone, self.objective, self.classifier = autoencoder, backbone, objective, classifier
         self.encode = PromptEncoder(text_encoder, batched=False, tokens=text_tokens)
         lat = spec["latent"]
@@ -243,13 +247,15 @@ class Pipeline:
 
     @torch.no_grad()
     def image_embeddings(self, images: np.ndarray) -> torch.Tensor:
-        """uint8 (N, H, W, C) native images -> the CLIP image embeddings (N, E) the denoiser reads as image prompts."""
+        """uint8 (N, H, W, C) native images -> what the denoiser reads as image prompts: CLIP image embeddings
+        (N, E), or the image tower's tokens (N, T, Dv) for a denoiser trained with `image_tokens`."""
         if not getattr(self.backbone.cfg, "image_dim", 0):
             raise ValueError(f"{self.root}'s denoiser was trained on text alone; train one that reads image prompts "
                              "with `ldmkit train pipeline ... --set denoiser:image_condition=true`")
         if self._clip is None:
             self._clip = load_clip(self.root / self.spec["stages"]["clip"]["path"])
-        return fixed_chunks(self._clip.encode_image)(self._padded(images)).float()
+        tokens = bool(getattr(self.backbone.cfg, "image_tokens", 0))
+        return fixed_chunks(lambda x: self._clip.image_condition(x, tokens))(self._padded(images)).float()
 
     # ------------------------------------------------------------------ sampling
     def guidance(self, scale: float | None = None, *, rescale: float | None = None, distilled: bool = False,
@@ -320,7 +326,7 @@ class Pipeline:
                                sampler=sampler, steps=steps, classifier=self.classifier, class_labels=labels,
                                x_start=x0, start_step=start if x0 is not None else 0, inpaint=known,
                                micro_batch=micro_batch, precision=precision,
-                               image=None if image_prompts is None else image_prompts[sl])
+                               image=None if image_prompts is None else image_prompts[sl], guide=self.guide)
             out.append(self.decode(z, micro_batch, precision, decoder))
             if on_batch is not None:
                 on_batch(out[-1])
@@ -332,12 +338,12 @@ class Pipeline:
                  class_label: int | None = None, **kw) -> np.ndarray:
         """`num` images per prompt, rows prompt by prompt -> uint8 (N, H, W, C) at the dataset's native size.
         `guidance`: a scale (None = the pipeline's default) or a `Guidance`; `Guidance` fields may also be given as
-        keywords (negative_prompt=, rescale=, interval=, mode=, classifier_scale=, apg=, image_scale=). Other
-        keywords go to `generate` (steps, sampler, seed, decoder, distilled, image_prompts, ...)."""
+        keywords (negative_prompt=, rescale=, interval=, mode=, classifier_scale=, apg=, image_scale=, guide_mix=).
+        Other keywords go to `generate` (steps, sampler, seed, decoder, distilled, image_prompts, ...)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         rows = [p for p in prompts for _ in range(num)]
         fields = {k: kw.pop(k) for k in ("negative_prompt", "rescale", "interval", "mode", "classifier_scale", "apg",
-                                         "image_scale") if k in kw}
+                                         "image_scale", "guide_mix") if k in kw}
         g = guidance if isinstance(guidance, Guidance) else \
             self.guidance(guidance, distilled=bool(kw.get("distilled")), **fields)
         labels = self.class_labels(rows, class_label) if g.classifier_scale else None

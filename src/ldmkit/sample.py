@@ -31,7 +31,7 @@ from ldmkit.checkpoint import file_hash, regular_file, write_bytes
 from ldmkit.data import parse_class
 from ldmkit.data.folder import read_image
 from ldmkit.diffusion.samplers import SAMPLERS
-from ldmkit.guidance.cfg import APG_DEFAULTS, APGConfig, Guidance
+from ldmkit.guidance.cfg import APG_DEFAULTS, MODES, APGConfig, Guidance
 from ldmkit.images import grid, save_png
 from ldmkit.pipeline import Pipeline
 
@@ -41,10 +41,9 @@ def parse_interval(text: str | None):
         return None
     try:
         lo, hi = (float(v) for v in text.split(","))
+        return lo, hi
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--guidance-interval {text!r} must be LO,HI in sigma units, "
-                                         "e.g. 0.3,5") from None
-    return lo, hi
+        raise argparse.ArgumentTypeError(f"--guidance-interval {text!r}: give LO,HI in sigma, e.g. 0.3,5") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,9 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "decoder (`ldmkit train fast-decoder`), several times cheaper per image, slightly less sharp")
     p.add_argument("--distilled", action="store_true", help="sample with the pipeline's guidance-distilled "
                    "denoiser (`ldmkit train distill`): one network call per step, guidance fixed at its w and phi")
-    p.add_argument("--one-step", action="store_true", help="sample with the one-step student of the distilled "
-                   "denoiser (`ldmkit train distill --set one_step_from=N`): one network call per image; "
-                   "--steps defaults to 1")
+    p.add_argument("--one-step", action="store_true", help="the distilled denoiser's one-step student (`ldmkit "
+                   "train distill --set one_step_from=N`): one network call per image; --steps defaults to 1")
     p.add_argument("--negative-prompt", default=None, help="replaces the unconditional prediction")
     p.add_argument("--classifier-scale", type=float, default=0.0, help="classifier guidance strength s")
     p.add_argument("--class-label", type=int, default=None, help="class for classifier guidance (needed with '')")
@@ -80,7 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="guide only for sigma in (LO, HI]")
     p.add_argument("--guidance-rescale", type=float, default=None, metavar="PHI", help="guidance rescale phi "
                    "(0 = plain CFG); default: the pipeline's")
-    p.add_argument("--guidance-mode", choices=["cfg", "apg"], default="cfg")
+    p.add_argument("--guidance-mode", choices=MODES, default="cfg", help="autoguidance: by the pipeline's guide/")
+    p.add_argument("--guide-mix", type=float, default=1.0, metavar="L", help="autoguidance: the guide's share of the "
+                   "guiding branch, the rest unconditional (1 = autoguidance alone, 0 = CFG)")
     p.add_argument("--apg-eta", type=float, default=APG_DEFAULTS.eta, help="APG: weight of the update parallel to D_c")
     p.add_argument("--apg-momentum", type=float, default=APG_DEFAULTS.momentum, help="APG: momentum beta (negative)")
     p.add_argument("--apg-threshold", type=float, default=APG_DEFAULTS.norm_threshold,
@@ -215,7 +215,7 @@ def settings_for(args, pipe: Pipeline) -> tuple[Guidance, dict, dict]:
     distilled = "onestep" if args.one_step else args.distilled
     g = pipe.guidance(args.guidance, rescale=args.guidance_rescale, distilled=bool(distilled),
                       mode=args.guidance_mode, interval=args.guidance_interval, negative_prompt=args.negative_prompt,
-                      classifier_scale=args.classifier_scale, image_scale=args.image_guidance,
+                      classifier_scale=args.classifier_scale, image_scale=args.image_guidance, guide_mix=args.guide_mix,
                       apg=APGConfig(args.apg_eta, args.apg_momentum, args.apg_threshold))
     sampler = args.sampler or pipe.defaults["sampler"]
     steps = args.steps or (1 if args.one_step else pipe.defaults["steps"])

@@ -121,10 +121,11 @@ def load_text_encoder(spec: str | Path):
 
 def build_backbone(cfg: dict, context_dim: int, pooled_dim: int):
     """A UNet or DiT from a denoiser config dict, sized for the text encoder's widths (and the image
-    embedding's, `conditioning.image_dim`, when the denoiser is prompted by images too)."""
+    embedding's, `conditioning.image_dim` and `image_tokens`, when the denoiser is prompted by images too)."""
     kind = cfg["backbone"]
-    widths = dict(context_dim=context_dim, pooled_dim=pooled_dim,
-                  image_dim=int(cfg.get("conditioning", {}).get("image_dim", 0)))
+    cond = cfg.get("conditioning", {})
+    widths = dict(context_dim=context_dim, pooled_dim=pooled_dim, image_dim=int(cond.get("image_dim", 0)),
+                  image_tokens=int(cond.get("image_tokens", 0)))
     if kind == "unet":
         return UNet(dataclasses.replace(from_dict(UNetConfig, cfg["unet"]), **widths))
     if kind == "dit":
@@ -249,6 +250,7 @@ def load_pipeline_stages(root: Path) -> dict:
             raise ValueError(f"the denoiser in {root} was trained with another {stage} (hash {cond[key]}, "
                              f"pipeline has {st[stage]['sha256']}); retrain the denoiser on this {stage}")
     clf = load_classifier(root / st["classifier"]["path"])[0] if "classifier" in st else None
+    guide = _load_guide(root, st, objective, dcfg) if "guide" in st else None
     fast = _load_bound(root, st, "fast-decoder", load_fast_decoder, "autoencoder_sha256", "autoencoder",
                        "the fast decoder", "retrain it with `ldmkit train fast-decoder`")
     distilled = _load_bound(root, st, "distilled", load_distilled, "teacher_sha256", "denoiser",
@@ -258,4 +260,19 @@ def load_pipeline_stages(root: Path) -> dict:
                           "one_step_from=N`")
     return dict(spec=spec, autoencoder=ae, text_encoder=text, backbone=backbone, objective=objective, classifier=clf,
                 text_tokens=dcfg.get("text_tokens", True), fast_decoder=None if fast is None else fast[0],
-                distilled=distilled, onestep=onestep)
+                distilled=distilled, onestep=onestep, guide=guide)
+
+
+def _load_guide(root: Path, st: dict, objective, dcfg: dict):
+    """The autoguidance guide: a denoiser of the same latents, text encoder and objective as the main one."""
+    guide, g_objective, gcfg = load_denoiser(root / st["guide"]["path"])
+    for key in ("autoencoder_sha256", "text_encoder_sha256", "latent_shape", "scale_factor", "shift_factor"):
+        if gcfg["conditioning"][key] != dcfg["conditioning"][key]:
+            raise ValueError(f"the guide in {root / st['guide']['path']} was trained on another {key.split('_')[0]} "
+                             f"than the denoiser ({key}); retrain it with `ldmkit train pipeline` on this directory")
+    same = ("kind", "schedule", "zero_snr")  # what maps sigma to the network's input and output
+    if any(getattr(g_objective, k) != getattr(objective, k) for k in same) or \
+            gcfg.get("text_tokens", True) != dcfg.get("text_tokens", True):
+        raise ValueError(f"the guide in {root / st['guide']['path']} has another objective or text input than the "
+                         "denoiser; train it with the denoiser's (`ldmkit train ldm --preset fashion-mnist-guide`)")
+    return guide

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ldmkit.guidance.cfg import MODES
 from ldmkit.images import save_png
 from ldmkit.serve import (
     FROM_PROMPT,
@@ -240,7 +241,7 @@ def build_app(pipes: Pipelines, limits: Limits, workdir: Path):
                         rescale = gr.Slider(0, 1, value=d.get("guidance_rescale", 0.0), step=0.05,
                                             label="Guidance rescale phi")
                     with gr.Row():
-                        mode = gr.Radio(["cfg", "apg"], value="cfg", label="Guidance mode")
+                        mode = gr.Radio(list(MODES), value="cfg", label="Guidance mode")
                         interval = gr.Textbox(label="Guidance interval LO,HI (sigma; empty = all steps)")
                     with gr.Row():
                         classifier_scale = gr.Slider(0, 10, value=0, step=0.5, label="Classifier guidance scale")

@@ -212,6 +212,11 @@ class CLIPModel(nn.Module):
         pooled, _ = self.vision(images)  # (B, Dv)
         return F.normalize(self.image_proj(pooled), dim=-1)  # (B, E)
 
+    def image_condition(self, images: torch.Tensor, tokens: bool = False) -> torch.Tensor:
+        """What a denoiser prompted by images reads: the unit image embedding (B, E), or with `tokens` the image
+        tower's last-layer tokens (B, N, Dv), which keep where things are and not only what they are."""
+        return self.vision(images)[1] if tokens else self.encode_image(images)
+
     def encode_text(self, ids: torch.Tensor, mask: torch.Tensor | None = None, chunk: int = 256) -> torch.Tensor:
         """Token ids (B, T) + mask -> unit-norm (B, E).
 

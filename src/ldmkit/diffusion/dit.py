@@ -54,6 +54,7 @@ class DiTConfig:
     context_dim: int = 128  # width of the text tokens (the text encoder's context_dim)
     pooled_dim: int = 128  # width of the pooled text vector; 0 = no pooled input
     image_dim: int = 0  # width of the image-embedding condition (CLIP's image tower); 0 = no image condition
+    image_tokens: int = 0  # > 0: the image condition is this many tokens (cross-attended), not one vector
     freq_dim: int = 256  # sinusoidal timestep features fed to the timestep MLP
     pos_embed: Literal["sincos", "learned"] = "sincos"  # fixed 2-D sin-cos or learned position embeddings
     dropout: float = 0.0  # dropout on the MLP hidden layer
@@ -117,7 +118,7 @@ class DiT(nn.Module):
         self.null_pooled = nn.Parameter(torch.zeros(cfg.pooled_dim)) if cfg.pooled_dim > 0 else None
         self.time_embed = TimestepMLP(cfg.freq_dim, D)
         self.pooled_proj = nn.Linear(cfg.pooled_dim, D) if cfg.pooled_dim > 0 else None
-        add_image_condition(self, cfg.image_dim, D)
+        add_image_condition(self, cfg.image_dim, D, cfg.image_tokens, cfg.context_dim)
         self.patch = nn.Conv2d(cfg.in_channels, D, p, stride=p)
         if cfg.pos_embed == "learned":
             self.pos = nn.Parameter(torch.zeros(1, self.grid ** 2, D))

@@ -35,8 +35,9 @@ from ldmkit.nn import TimestepMLP, zero_module
 def embed_condition(model: nn.Module, t: torch.Tensor, batch: int, context, context_mask, pooled, drop,
                     image=None, drop_image=None):
     """The prologue both backbones share: validate `t` and the text condition (`prepare_condition`), then the
-    conditioning vector silu(time_embed(t) + pooled_proj(pooled) + image_proj(image)). Returns (context, mask,
-    vector)."""
+    conditioning vector silu(time_embed(t) + pooled_proj(pooled) + image_proj(image)). An image given as tokens
+    (`image_tokens` > 0) enters the vector as the mean of its tokens and the cross-attention as extra context tokens
+    (`image_context` of each). Returns (context, mask, vector)."""
     if t.shape != (batch,):
         raise ValueError(f"t must have shape ({batch},), got {tuple(t.shape)}")
     context, mask, pooled = prepare_condition(model.null_context, model.null_pooled, batch, context, context_mask,
@@ -45,33 +46,50 @@ def embed_condition(model: nn.Module, t: torch.Tensor, batch: int, context, cont
     if model.pooled_proj is not None:
         emb = emb + model.pooled_proj(pooled)
     if model.image_proj is not None:
-        emb = emb + model.image_proj(prepare_image(model.null_image, batch, image, drop_image))
+        img = prepare_image(model.null_image, batch, image, drop_image, model.image_tokens)
+        if model.image_tokens:
+            emb = emb + model.image_proj(img.mean(1))
+            extra = model.image_context(img).to(context.dtype)  # (B, N, Dc)
+            context = torch.cat([context.expand(batch, -1, -1), extra], dim=1)
+            if mask is not None:
+                mask = torch.cat([mask, mask.new_ones(batch, extra.shape[1])], dim=1)
+        else:
+            emb = emb + model.image_proj(img)
     elif image is not None:
         raise ValueError("this denoiser has no image condition (image_dim=0); train one with image_condition=true "
                          "to prompt it with images")
     return context, mask, F.silu(emb)
 
 
-def add_image_condition(model: nn.Module, image_dim: int, emb_dim: int) -> None:
+def add_image_condition(model: nn.Module, image_dim: int, emb_dim: int, image_tokens: int = 0,
+                        context_dim: int = 0) -> None:
     """The image condition's parameters: a learned null embedding and a projection into the conditioning vector
-    (zero at initialisation, `init_condition_embeddings`: the image input starts as a no-op). image_dim 0: none."""
+    (zero at initialisation, `init_condition_embeddings`: the image input starts as a no-op). With image_tokens N > 0
+    the image is N tokens of width image_dim (the image tower's last layer) and `image_context` maps each to a
+    context token (also zero at initialisation). image_dim 0: none."""
+    model.image_tokens = image_tokens if image_dim > 0 else 0
     model.null_image = nn.Parameter(torch.zeros(image_dim)) if image_dim > 0 else None
     model.image_proj = nn.Linear(image_dim, emb_dim) if image_dim > 0 else None
+    model.image_context = nn.Linear(image_dim, context_dim) if model.image_tokens else None
 
 
 def prepare_image(null_image: torch.Tensor, batch: int, image: torch.Tensor | None,
-                  drop_image: torch.Tensor | None) -> torch.Tensor:
-    """The image embedding each example sees (B, Di): `null_image` where `drop_image` is True or image is None."""
+                  drop_image: torch.Tensor | None, tokens: int = 0) -> torch.Tensor:
+    """The image condition each example sees, (B, Di) or with `tokens` N > 0 (B, N, Di): `null_image` (at every
+    token) where `drop_image` is True or image is None."""
+    shape = (batch, tokens, null_image.shape[0]) if tokens else (batch, null_image.shape[0])
     if image is None:
-        return null_image.expand(batch, -1)
-    if image.shape != (batch, null_image.shape[0]):
-        raise ValueError(f"image must be (B={batch}, image_dim={null_image.shape[0]}), got {tuple(image.shape)}")
+        return null_image.expand(shape)
+    if image.shape != shape:
+        want = f"(B={batch}, N={tokens}, image_dim={null_image.shape[0]})" if tokens else \
+            f"(B={batch}, image_dim={null_image.shape[0]})"
+        raise ValueError(f"image must be {want}, got {tuple(image.shape)}")
     if drop_image is None:
         return image
     if drop_image.dtype != torch.bool or drop_image.shape != (batch,):
         raise ValueError(f"drop_image must be a bool tensor of shape ({batch},), got {drop_image.dtype} "
                          f"{tuple(drop_image.shape)}")
-    return torch.where(drop_image[:, None], null_image.to(image.dtype), image)
+    return torch.where(drop_image.view(-1, *[1] * (image.ndim - 1)), null_image.to(image.dtype), image)
 
 
 def init_condition_embeddings(model: nn.Module) -> None:
@@ -86,6 +104,8 @@ def init_condition_embeddings(model: nn.Module) -> None:
     if model.null_image is not None:
         nn.init.normal_(model.null_image, std=0.02)
         zero_module(model.image_proj)
+    if model.image_context is not None:
+        zero_module(model.image_context)
 
 
 def prepare_condition(null_context: torch.Tensor, null_pooled: torch.Tensor | None, batch: int,
@@ -148,6 +168,7 @@ class UNetConfig:
     pooled_dim: int = 128  # width of the pooled text vector; 0 = no pooled input
     emb_dim: int = 256  # width of the timestep (+ pooled) embedding
     image_dim: int = 0  # width of the image-embedding condition (CLIP's image tower); 0 = no image condition
+    image_tokens: int = 0  # > 0: the image condition is this many tokens (cross-attended), not one vector
     freq_dim: int = 128  # sinusoidal features fed to the timestep MLP
     dropout: float = 0.0  # dropout inside residual blocks
     norm_groups: int = 32  # GroupNorm groups (largest divisor of the width <= this)
@@ -278,7 +299,7 @@ class UNet(nn.Module):
         self.null_pooled = nn.Parameter(torch.zeros(cfg.pooled_dim)) if cfg.pooled_dim > 0 else None
         self.time_embed = TimestepMLP(cfg.freq_dim, cfg.emb_dim)
         self.pooled_proj = nn.Linear(cfg.pooled_dim, cfg.emb_dim) if cfg.pooled_dim > 0 else None
-        add_image_condition(self, cfg.image_dim, cfg.emb_dim)
+        add_image_condition(self, cfg.image_dim, cfg.emb_dim, cfg.image_tokens, cfg.context_dim)
         self.stem = nn.Conv2d(cfg.in_channels, widths[0], 3, padding=1)
 
         self.down, self.downsample = nn.ModuleList(), nn.ModuleList()

@@ -65,9 +65,10 @@ def test_split(spec: str, split: str = "test", data_dir: str | None = None, opti
 
 
 @torch.no_grad()
-def image_features(model, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
-    """uint8 (N, C, H, W) at model resolution -> unit-norm (N, E) float32 on the CPU."""
-    parts = [model.encode_image(to_float(images[i:i + batch_size]).to(model.device)).float().cpu()
+def image_features(model, images: torch.Tensor, batch_size: int = 500, tokens: bool = False) -> torch.Tensor:
+    """uint8 (N, C, H, W) at model resolution -> unit-norm (N, E) float32 on the CPU (with `tokens`: the image
+    tower's tokens (N, T, Dv), `CLIPModel.image_condition`)."""
+    parts = [model.image_condition(to_float(images[i:i + batch_size]).to(model.device), tokens).float().cpu()
              for i in range(0, images.shape[0], batch_size)]
     return torch.cat(parts)
 

@@ -23,6 +23,10 @@ Variants (all options of one `GuidedDenoiser`, so they compose):
   conditional model and do not evaluate the unconditional branch at all.
 - adaptive projected guidance (Sadat et al. 2024, APG): `APGConfig`; stateful momentum, so build one guided
   denoiser per sampling run (or call `.reset()` between runs).
+- autoguidance (Karras et al. 2024): the guiding branch is a weaker model of the same condition instead of the
+  unconditional one, D = D_weak(c) + w (D(c) - D_weak(c)): it pushes away from the weak model's errors rather than
+  toward the condition, so it sharpens without narrowing. `weak_mix` lambda < 1 blends the two guiding branches,
+  G = lambda D_weak(c) + (1 - lambda) D(u), D = G + w (D(c) - G): lambda = 1 is autoguidance, 0 is CFG.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ Cond = dict[str, torch.Tensor]
 CondDenoiser = Callable[[torch.Tensor, torch.Tensor, Cond], torch.Tensor]
 
 RESCALE_SPACES = ("x0", "eps", "v", "flow")
-MODES = ("cfg", "apg")
+MODES = ("cfg", "apg", "autoguidance")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -157,19 +161,32 @@ class Guidance:
     denoiser (`Guidance.wrap`). The scale follows the convention of this module: 1 is the conditional model."""
 
     scale: float = 3.0                       # w: 1 = conditional, 0 = unconditional (Ho & Salimans write 1 + w)
-    mode: str = "cfg"                        # cfg | apg (adaptive projected guidance, configured by `apg`)
+    mode: str = "cfg"                        # cfg | apg (configured by `apg`) | autoguidance (the pipeline's guide/)
     rescale: float = 0.0                     # guidance rescale phi (Lin et al. 2023); 0 = off
     interval: tuple[float, float] | None = None  # guide only for sigma in (lo, hi]; None = every step
     negative_prompt: str | None = None       # its prediction replaces the unconditional one for every prompt
     classifier_scale: float = 0.0            # classifier guidance strength s; 0 = off
     apg: APGConfig = APGConfig()             # mode="apg" only
     image_scale: float | None = None         # w_i of an image prompt (`ldmkit.guidance.multi`); None = scale
+    guide_mix: float = 1.0                   # autoguidance: the guide's share of the guiding branch (0 = CFG)
 
-    def wrap(self, denoise: CondDenoiser, cond: Cond, uncond: Cond, rescale_space: str = "eps") -> "GuidedDenoiser":
+    def wrap(self, denoise: CondDenoiser, cond: Cond, uncond: Cond, rescale_space: str = "eps",
+             guide: CondDenoiser | None = None) -> "GuidedDenoiser":
         """The guided denoiser of these settings (classifier guidance is added by the caller, which holds the
-        classifier: `ldmkit.guidance.classifier.classifier_guidance`)."""
+        classifier: `ldmkit.guidance.classifier.classifier_guidance`). Autoguidance guides with `guide` on the
+        prompt itself, blended with `uncond` when guide_mix < 1 (only then has a negative prompt a role)."""
+        auto = self.mode == "autoguidance"
+        if auto and guide is None:
+            raise ValueError("autoguidance needs a guide: a pipeline with a guide/ stage (`ldmkit train pipeline "
+                             "--preset fashion-mnist` makes one; `ldmkit train ldm --preset fashion-mnist-guide`)")
+        if auto and self.negative_prompt is not None and self.guide_mix == 1.0:
+            raise ValueError("autoguidance alone guides with the weaker model on the prompt itself; drop the "
+                             "negative prompt, blend in CFG with --guide-mix below 1, or use --guidance-mode cfg")
+        if not auto and self.guide_mix != 1.0:
+            raise ValueError(f"guide_mix={self.guide_mix} applies to --guidance-mode autoguidance only")
         return GuidedDenoiser(denoise, cond, uncond, self.scale, mode=self.mode, rescale=self.rescale,
-                              rescale_space=rescale_space, interval=self.interval, apg=self.apg)
+                              rescale_space=rescale_space, interval=self.interval, apg=self.apg,
+                              weak=guide if auto else None, weak_mix=self.guide_mix)
 
 
 def project(v: torch.Tensor, onto: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -232,14 +249,20 @@ class GuidedDenoiser:
     Each call evaluates `denoise` once on cat[x, x[active]] with cat_cond(cond, uncond[active]), where `active`
     marks the examples that are guided (sigma in the interval and scale != 1); the others only pay for the
     conditional branch. With APG momentum the object keeps a running average across calls, so use one instance
-    per sampling run, or call `reset()` before reusing it.
+    per sampling run, or call `reset()` before reusing it. With a `weak` denoiser (autoguidance) the guiding branch
+    is `weak` on `cond` in its own call, blended with the unconditional one when `weak_mix` < 1.
     """
 
     def __init__(self, denoise: CondDenoiser, cond: Cond, uncond: Cond, scale: float | torch.Tensor, *,
                  mode: str = "cfg", rescale: float = 0.0, rescale_space: str = "eps",
-                 interval: tuple[float, float] | None = None, apg: APGConfig = APGConfig()):
+                 interval: tuple[float, float] | None = None, apg: APGConfig = APGConfig(),
+                 weak: CondDenoiser | None = None, weak_mix: float = 1.0):
         if mode not in MODES:
             raise ValueError(f"guidance mode={mode!r} is not one of {MODES}")
+        if (mode == "autoguidance") != (weak is not None):
+            raise ValueError("autoguidance needs the weak guide denoiser (`weak`), and only autoguidance takes one")
+        if not 0.0 <= weak_mix <= 1.0:
+            raise ValueError(f"guide mix lambda={weak_mix} must be in [0, 1] (1 = autoguidance alone, 0 = CFG)")
         if rescale_space not in RESCALE_SPACES:
             raise ValueError(f"rescale_space={rescale_space!r} is not one of {RESCALE_SPACES}")
         if not 0.0 <= rescale <= 1.0:
@@ -251,7 +274,7 @@ class GuidedDenoiser:
         cond_batch(cond), cond_batch(uncond)  # fail early on malformed dicts
         self.denoise, self.cond, self.uncond, self.scale = denoise, cond, uncond, scale
         self.mode, self.rescale, self.rescale_space = mode, rescale, rescale_space
-        self.interval, self.apg = interval, apg
+        self.interval, self.apg, self.weak, self.weak_mix = interval, apg, weak, weak_mix
         self._running: torch.Tensor | None = None  # APG momentum state, (B, ...)
 
     def reset(self) -> None:
@@ -283,8 +306,14 @@ class GuidedDenoiser:
             return self.denoise(x, sigma, cond)  # conditional branch only
         idx = active.nonzero().squeeze(1)  # (A,)
         uncond = select_cond(expand_cond(self.uncond, B), idx)
-        out = self.denoise(torch.cat([x, x[idx]]), torch.cat([sigma, sigma[idx]]), cat_cond(cond, uncond))
-        d_cond, d_uncond = split(out, B)  # (B, ...), (A, ...)
+        if self.weak is not None and self.weak_mix == 1.0:  # autoguidance alone: no unconditional branch
+            d_cond, d_uncond = self.denoise(x, sigma, cond), None
+        else:
+            out = self.denoise(torch.cat([x, x[idx]]), torch.cat([sigma, sigma[idx]]), cat_cond(cond, uncond))
+            d_cond, d_uncond = split(out, B)  # (B, ...), (A, ...)
+        if self.weak is not None:  # the weaker network on the same condition, its own call
+            d_weak = self.weak(x[idx], sigma[idx], select_cond(cond, idx))
+            d_uncond = d_weak if d_uncond is None else torch.lerp(d_uncond, d_weak.to(d_uncond.dtype), self.weak_mix)
         guided = self._combine(d_cond, d_uncond, x, sigma, scale, idx)
         return d_cond.index_copy(0, idx, guided.to(d_cond.dtype))
 
@@ -292,8 +321,8 @@ class GuidedDenoiser:
         dtype = torch.promote_types(d_cond_all.dtype, torch.float32)
         d_c, d_u = d_cond_all[idx].to(dtype), d_uncond.to(dtype)  # (A, ...)
         w = per_example(scale[idx].to(dtype), d_c)
-        if self.mode == "cfg":
-            guided = d_u + w * (d_c - d_u)  # D_u + w (D_c - D_u)
+        if self.mode != "apg":
+            guided = d_u + w * (d_c - d_u)  # D_u + w (D_c - D_u); autoguidance: D_u is the weak model's
         else:
             diff = self._momentum(d_c - d_u, d_cond_all, idx)
             update = apg_update(diff, d_c, self.apg.eta, self.apg.norm_threshold)
@@ -321,7 +350,8 @@ class GuidedDenoiser:
 
 def guided_denoiser(denoise: CondDenoiser, cond: Cond, uncond: Cond, scale: float | torch.Tensor, *,
                     mode: str = "cfg", rescale: float = 0.0, rescale_space: str = "eps",
-                    interval: tuple[float, float] | None = None, apg: APGConfig = APGConfig()) -> GuidedDenoiser:
+                    interval: tuple[float, float] | None = None, apg: APGConfig = APGConfig(),
+                    weak: CondDenoiser | None = None, weak_mix: float = 1.0) -> GuidedDenoiser:
     """Front door composing every CFG variant (see the module docstring).
 
     denoise: conditional denoiser (x, sigma, cond) -> x0_hat. cond / uncond: cond dicts (batch B or 1); for a
@@ -329,9 +359,11 @@ def guided_denoiser(denoise: CondDenoiser, cond: Cond, uncond: Cond, scale: floa
     (configured by `apg`). rescale: phi of guidance rescale in [0, 1], measured in `rescale_space` ("eps"
     matches diffusers' `guidance_rescale` on an eps model, "v" Lin et al.'s v-prediction model, "x0", "flow").
     interval: (lo, hi) in sigma; guidance only for lo < sigma <= hi, the conditional model elsewhere.
+    weak: with mode "autoguidance", the weaker denoiser whose prediction on `cond` replaces the unconditional one
+    (weak_mix = 1) or is blended with it (weak_mix = lambda in [0, 1)).
     """
     return GuidedDenoiser(denoise, cond, uncond, scale, mode=mode, rescale=rescale, rescale_space=rescale_space,
-                          interval=interval, apg=apg)
+                          interval=interval, apg=apg, weak=weak, weak_mix=weak_mix)
 
 
 def cfg(denoise: CondDenoiser, cond: Cond, uncond: Cond, scale: float | torch.Tensor) -> GuidedDenoiser:

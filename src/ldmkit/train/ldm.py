@@ -49,6 +49,7 @@ class Conditioning:
     shift_factor: float = 0.0         # latent shift subtracted before scaling
     latent_shape: tuple[int, ...] = ()  # (c, h, w) of one latent
     image_dim: int = 0                # width of the CLIP image embedding condition (0: text only)
+    image_tokens: int = 0             # > 0: the image condition is this many tokens of the CLIP image tower
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,7 @@ class LDMConfig:
     text_tokens: bool = True          # cross-attend to the text tokens; False: the pooled text vector only
     image_condition: bool = False     # also condition on the CLIP image embedding of the training image
     p_image_uncond: float = 0.5       # probability of dropping the image (independent of the text's p_uncond)
+    image_tokens: bool = False        # the image tower's last-layer tokens (cross-attended), not its embedding
     conditioning: Conditioning = field(default_factory=Conditioning)
 
 
@@ -87,6 +89,13 @@ PRESETS = {
     # docs/benchmarks.md
     "fashion-mnist-image": LDMConfig(unet=UNET_PRESETS["fashion-mnist"], dit=DIT_PRESETS["fashion-mnist"],
                                      text_tokens=False, image_condition=True),
+    # the weaker model autoguidance guides with: a quarter of the width and of the steps (~0.3M parameters)
+    "fashion-mnist-guide": LDMConfig(unet=dataclasses.replace(UNET_PRESETS["fashion-mnist"], channels=16,
+                                                              head_dim=32),
+                                     dit=DIT_PRESETS["fashion-mnist"], text_tokens=False,
+                                     train=TrainConfig(steps=1100, batch_size=128, lr=1e-3, warmup_steps=140,
+                                                       ema_halflife_steps=55, ckpt_every=500, log_every=100,
+                                                       sample_every=0)),
     "fashion-mnist-dit": LDMConfig(backbone="dit", unet=UNET_PRESETS["fashion-mnist"],
                                    dit=DIT_PRESETS["fashion-mnist"]),
     # 16x16 latents make a step ~4x the Fashion-MNIST one: batch 64; about 20 minutes on 2 AVX512-BF16 cores
@@ -112,11 +121,15 @@ def bind(cfg: LDMConfig, ae_dir: str, text_spec: str):
     if cfg.image_condition and tinfo["kind"] != "clip":
         raise ValueError(f"image_condition=true reads CLIP image embeddings: --text-encoder {text_spec} must be a "
                          "CLIP stage directory (its image tower embeds the images)")
+    image_dim, image_tokens = (text.pooled_dim, 0) if cfg.image_condition else (0, 0)
+    if cfg.image_condition and cfg.image_tokens:
+        vision = load_clip(text_spec).vision
+        image_dim, image_tokens = vision.config.width, vision.position_embedding.shape[1]
     cond = Conditioning(autoencoder=str(ae_dir), autoencoder_sha256=weights_hash(ae_dir),
                         text_encoder=str(text_spec), text_encoder_sha256=tinfo["sha256"],
                         context_dim=text.context_dim, pooled_dim=text.pooled_dim, scale_factor=scale,
                         shift_factor=shift, latent_shape=(ae.cfg.latent_channels, 32 // f, 32 // f),
-                        image_dim=text.pooled_dim if cfg.image_condition else 0)
+                        image_dim=image_dim, image_tokens=image_tokens)
     return dataclasses.replace(cfg, conditioning=cond), ae, text
 
 
@@ -154,7 +167,8 @@ def train(cfg: LDMConfig, out, spec: str, ds, ae_dir: str, text_spec: str, resum
     opt = common.make_adamw(model.parameters(), tc)
     start = run.restore({"model": model, "ema": ema}, {"opt": opt})
     encode = PromptEncoder(text, tokens=cfg.text_tokens)
-    embeds = image_embeddings(text_spec, c.text_encoder_sha256, ds, spec, out) if cfg.image_condition else None
+    embeds = image_embeddings(text_spec, c.text_encoder_sha256, ds, spec, out, tokens=cfg.image_tokens) \
+        if cfg.image_condition else None
     prompts_grid = grid_prompts(ds)
     step, loss = start, torch.zeros(())
     for step in run.steps(start, tc.steps):
@@ -163,7 +177,7 @@ def train(cfg: LDMConfig, out, spec: str, ds, ae_dir: str, text_spec: str, resum
         captions = [ds.caption(int(i), random.Random(example_seed(tc.seed, int(g), 2))) for i, g in zip(idx, gidx)]
         cond = {k: v.to(run.device) for k, v in encode(captions).items() if k != "drop"}
         if embeds is not None:  # the training image's own CLIP embedding, dropped independently of the text
-            cond["image"] = embeds[idx].to(run.device)
+            cond["image"] = embeds[idx].float().to(run.device)
             cond["drop_image"] = draw_image_drop(tc.seed, gidx, cfg.p_image_uncond).to(run.device)
         common.set_lr(opt, common.lr_at(step, tc))
         with common.autocast(run.device, tc.precision):
@@ -191,16 +205,18 @@ def draw_image_drop(seed: int, gidx: torch.Tensor, p: float) -> torch.Tensor:
                          for g in example_generators(seed, gidx, IMAGE_DROP_STREAM)], dtype=torch.bool)
 
 
-def image_embeddings(clip_dir: str, clip_hash: str, ds, spec: str, out) -> torch.Tensor:
-    """(N, E) unit CLIP image embeddings of the training images, computed once and kept in the stage directory
-    (`image-embeddings.safetensors`, bound to the CLIP weights' hash)."""
+def image_embeddings(clip_dir: str, clip_hash: str, ds, spec: str, out, tokens: bool = False) -> torch.Tensor:
+    """(N, E) unit CLIP image embeddings of the training images, or with `tokens` the image tower's tokens
+    (N, T, Dv) in float16, computed once and kept in the stage directory (`image-embeddings.safetensors`, bound to
+    the CLIP weights' hash)."""
     path = Path(out) / "image-embeddings.safetensors"
-    meta = {"clip_sha256": clip_hash, "data": spec, "n": str(len(ds))}
+    meta = {"clip_sha256": clip_hash, "data": spec, "n": str(len(ds)), "tokens": str(bool(tokens))}
     if path.exists():
         with safe_open(str(path), "pt") as f:
             if f.metadata() == meta:
                 return f.get_tensor("embeddings")
-    feats = image_features(load_clip(clip_dir), ds.images)
+    feats = image_features(load_clip(clip_dir), ds.images, tokens=tokens)
+    feats = feats.half() if tokens else feats
     with atomic_path(path) as tmp:
         save_file({"embeddings": feats.contiguous()}, str(tmp), metadata=meta)
     return feats

@@ -4,9 +4,10 @@ Own images: `ldmkit train pipeline --data folder:PATH --image-size 64 --out DIR`
 resolution (32 or 64 on CPUs) and trains the same way; see `ldmkit.data.folder` for the layouts it reads.
 
 Order: evaluation classifier (Fashion-MNIST only, frozen before any generator), autoencoder, CLIP, denoiser,
-noise-aware classifier, fast decoder; then `pipeline.json` with each stage's weight hash, the latent scale factor and
-the sampling defaults. A stage that already finished (its metrics.json exists) is kept; one that was interrupted
-resumes from its last checkpoint, so rerunning the command continues where it stopped.
+autoguidance guide, noise-aware classifier, fast decoder, guidance-distilled students; then `pipeline.json` with
+each stage's weight hash, the latent scale factor and the sampling defaults. A stage that already finished (its
+metrics.json exists) is kept; one that was interrupted resumes from its last checkpoint, so rerunning the command
+continues where it stopped.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class PipelinePreset:
     autoencoder: StagePlan
     clip: StagePlan
     denoiser: StagePlan
+    guide: StagePlan | None = None             # weaker denoiser for autoguidance (`--guidance-mode autoguidance`)
     classifier: StagePlan | None = None        # noise-aware classifier for classifier guidance
     eval_classifier: StagePlan | None = None   # frozen evaluation classifier (Fashion-MNIST)
     fast_decoder: StagePlan | None = None      # small decoder of the same latents (`--decoder fast`)
@@ -50,7 +52,8 @@ class PipelinePreset:
 
 PRESETS = {
     "tiny": PipelinePreset(data="shapes", autoencoder=StagePlan("tiny"), clip=StagePlan("tiny"),
-                           denoiser=StagePlan("tiny"), classifier=StagePlan("tiny"),
+                           denoiser=StagePlan("tiny"), guide=StagePlan("tiny", ("train.steps=10",)),
+                           classifier=StagePlan("tiny"),
                            fast_decoder=StagePlan("tiny"), steps=4),
     "tiny-fashion": PipelinePreset(data="fashion-mnist", autoencoder=StagePlan("tiny"), clip=StagePlan("tiny"),
                                    denoiser=StagePlan("tiny"), classifier=StagePlan("tiny"),
@@ -59,10 +62,22 @@ PRESETS = {
     "fashion-mnist": PipelinePreset(
         data="fashion-mnist", eval_classifier=StagePlan("fashion-mnist", minutes=6),
         autoencoder=StagePlan("fashion-mnist", minutes=12), clip=StagePlan("fashion-mnist", minutes=8),
-        denoiser=StagePlan("fashion-mnist", minutes=20), classifier=StagePlan("fashion-mnist", minutes=6),
-        fast_decoder=StagePlan("fashion-mnist", minutes=6), distilled=StagePlan("fashion-mnist", minutes=6),
-        onestep=StagePlan("fashion-mnist", ("one_step_from=2",), minutes=6),
+        denoiser=StagePlan("fashion-mnist", minutes=20), guide=StagePlan("fashion-mnist-guide", minutes=3),
+        classifier=StagePlan("fashion-mnist", minutes=6), fast_decoder=StagePlan("fashion-mnist", minutes=6),
+        distilled=StagePlan("fashion-mnist", minutes=6), onestep=StagePlan("fashion-mnist", ("one_step_from=2",),
+                                                                           minutes=6),
         guidance_rescale=0.7),  # rescale keeps accuracy within half a point and buys recall (docs/benchmarks.md)
+    # the text-to-image stages within 20 minutes (evaluation classifier aside): the denoiser holds quality back, so
+    # it keeps most of the time; the autoencoder and CLIP run short schedules (docs/benchmarks.md: the budget split)
+    "fashion-mnist-20min": PipelinePreset(
+        data="fashion-mnist", eval_classifier=StagePlan("fashion-mnist", minutes=6),
+        autoencoder=StagePlan("fashion-mnist", ("train.steps=900", "train.warmup_steps=30", "loss.disc_start=765",
+                                                "disc_warmup_steps=180", "train.ema_halflife_steps=25"), minutes=3.5),
+        clip=StagePlan("fashion-mnist", ("train.steps=650", "train.warmup_steps=55", "train.ema_halflife_steps=30"),
+                       minutes=2.5),
+        denoiser=StagePlan("fashion-mnist", ("train.steps=3000", "train.warmup_steps=100",
+                                             "train.ema_halflife_steps=150", "train.sample_every=0"), minutes=12.5),
+        guidance_rescale=0.7),
     # pixel-space diffusion: the identity autoencoder, everything else as in the latent presets
     "tiny-pixels": PipelinePreset(data="shapes", autoencoder=StagePlan("pixels", ("stats_images=256",)),
                                   clip=StagePlan("tiny"), denoiser=StagePlan("tiny"), classifier=StagePlan("tiny"),
@@ -93,7 +108,7 @@ PRESETS = {
 FOLDER_PRESETS = {32: "folder-32", 64: "folder-64"}  # --preset auto with --data folder:PATH, by --image-size
 
 
-STAGES = ("autoencoder", "clip", "denoiser", "classifier", "eval-classifier", "fast-decoder", "distilled",
+STAGES = ("autoencoder", "clip", "denoiser", "guide", "classifier", "eval-classifier", "fast-decoder", "distilled",
           "onestep")  # trained here, in order; each is named in pipeline.json when present
 
 
@@ -127,6 +142,7 @@ def train_pipeline(pp: PipelinePreset, out: str | Path, data_dir: str | None = N
          lambda c, d, r: autoencoder.train(c, d, pp.data, ds, resume=r, **kw)),
         ("clip", pp.clip, clip, lambda c, d, r: clip.train(c, d, pp.data, ds, resume=r, **kw)),
         ("denoiser", pp.denoiser, ldm, lambda c, d, r: ldm.train(c, d, pp.data, ds, ae, text, resume=r, **kw)),
+        ("guide", pp.guide, ldm, lambda c, d, r: ldm.train(c, d, pp.data, ds, ae, text, resume=r, **kw)),
         ("classifier", pp.classifier if "class" in ds.labels else None, classifier,
          lambda c, d, r: classifier.train(c, d, pp.data, ds, ae, resume=r, **kw)),
         ("fast-decoder", pp.fast_decoder, fast_decoder,
