@@ -85,12 +85,11 @@ PRESETS = {
     # the time (w = 3, 1,000 images); pooled-only 99.6% (training wordings 99.2% -> 99.5%, recall 0.59 -> 0.56)
     "fashion-mnist": LDMConfig(unet=UNET_PRESETS["fashion-mnist"], dit=DIT_PRESETS["fashion-mnist"],
                                text_tokens=False),
-    # also prompted by images (`ldmkit sample --image-prompt`): cross-attends to the CLIP image tower's tokens, and
-    # drops the text 30% of the time so that the image-alone model D(i, -) trains on 15% of the examples, not 5%
-    # (docs/benchmarks.md: image prompts)
+    # also prompted by images (CLIP image embeddings, `ldmkit sample --image-prompt`); `--set image_tokens=true`
+    # cross-attends to the image tower's tokens instead: closer variations, but a text prompt can no longer steer
+    # them (docs/benchmarks.md: image prompts)
     "fashion-mnist-image": LDMConfig(unet=UNET_PRESETS["fashion-mnist"], dit=DIT_PRESETS["fashion-mnist"],
-                                     text_tokens=False, image_condition=True, image_tokens=True,
-                                     objective=Objective(kind="flow", p_uncond=0.3)),
+                                     text_tokens=False, image_condition=True),
     # the weaker model autoguidance guides with: a quarter of the width and of the steps (~0.3M parameters)
     "fashion-mnist-guide": LDMConfig(unet=dataclasses.replace(UNET_PRESETS["fashion-mnist"], channels=16,
                                                               head_dim=32),
