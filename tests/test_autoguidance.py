@@ -110,6 +110,7 @@ def test_pipeline_guide_stage_end_to_end(tiny_pipeline, tmp_path, capsys):
     shutil.copytree(tiny_pipeline, copy)
     spec["stages"].pop("guide")
     write_json(copy / "pipeline.json", spec)
+    capsys.readouterr()  # forget the progress bars above
     assert cli(["sample", str(copy), "--prompt", "a red circle", "--guidance-mode", "autoguidance", "--out",
                 str(tmp_path / "b.npz"), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
