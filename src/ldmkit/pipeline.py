@@ -117,7 +117,8 @@ def sample_latents(backbone, objective, encode: PromptEncoder, prompts: Sequence
     guide: the weaker backbone (same objective) that `guidance.mode` "autoguidance" guides with.
     """
     device = next(backbone.parameters()).device if isinstance(backbone, torch.nn.Module) else "cpu"
-    net = lambda b: make_denoiser(in_precision(fixed_chunks(b, micro_batch), precision, device), objective)  # noqa
+    def net(b):  # a backbone as the sampler's denoise(x, sigma, cond) -> x0_hat
+        return make_denoiser(in_precision(fixed_chunks(b, micro_batch), precision, device), objective)
     denoise = net(backbone)
     cond = encode(prompts)
     uncond = encode([guidance.negative_prompt]) if guidance.negative_prompt is not None else \

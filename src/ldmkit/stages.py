@@ -268,8 +268,9 @@ def _load_guide(root: Path, st: dict, objective, dcfg: dict):
     guide, g_objective, gcfg = load_denoiser(root / st["guide"]["path"])
     for key in ("autoencoder_sha256", "text_encoder_sha256", "latent_shape", "scale_factor", "shift_factor"):
         if gcfg["conditioning"][key] != dcfg["conditioning"][key]:
-            raise ValueError(f"the guide in {root / st['guide']['path']} was trained on another {key.split('_')[0]} "
-                             f"than the denoiser ({key}); retrain it with `ldmkit train pipeline` on this directory")
+            raise ValueError(f"the guide in {root / st['guide']['path']} was trained on other latents or another "
+                             f"text encoder than the denoiser ({key} differs); retrain it with `ldmkit train "
+                             "pipeline` on this directory")
     same = ("kind", "schedule", "zero_snr")  # what maps sigma to the network's input and output
     if any(getattr(g_objective, k) != getattr(objective, k) for k in same) or \
             gcfg.get("text_tokens", True) != dcfg.get("text_tokens", True):

@@ -50,7 +50,7 @@ def embed_condition(model: nn.Module, t: torch.Tensor, batch: int, context, cont
         if model.image_tokens:
             emb = emb + model.image_proj(img.mean(1))
             extra = model.image_context(img).to(context.dtype)  # (B, N, Dc)
-            context = torch.cat([context.expand(batch, -1, -1), extra], dim=1)
+            context = torch.cat([context, extra], dim=1)
             if mask is not None:
                 mask = torch.cat([mask, mask.new_ones(batch, extra.shape[1])], dim=1)
         else:

@@ -135,14 +135,18 @@ def train_pipeline(pp: PipelinePreset, out: str | Path, data_dir: str | None = N
     kw = {"data_dir": data_dir} if pp.data == "fashion-mnist" else dict(data_kw or {})
     ds = load_dataset(pp.data, split="train", image_size=pp.image_size, **kw)
     ae, text, kw = str(out / "autoencoder"), str(out / "clip"), {"progress": progress}
+
+    def fit_denoiser(c, d, r):  # the denoiser and the autoguidance guide: the same stage, other presets
+        return ldm.train(c, d, pp.data, ds, ae, text, resume=r, **kw)
+
     stages = [  # (name, plan, stage module, how it trains: (config, stage dir, resume) -> metrics), in order
         ("eval-classifier", pp.eval_classifier, eval_classifier,
          lambda c, d, r: eval_classifier.train(c, d, data_dir, progress)),
         ("autoencoder", pp.autoencoder, autoencoder,
          lambda c, d, r: autoencoder.train(c, d, pp.data, ds, resume=r, **kw)),
         ("clip", pp.clip, clip, lambda c, d, r: clip.train(c, d, pp.data, ds, resume=r, **kw)),
-        ("denoiser", pp.denoiser, ldm, lambda c, d, r: ldm.train(c, d, pp.data, ds, ae, text, resume=r, **kw)),
-        ("guide", pp.guide, ldm, lambda c, d, r: ldm.train(c, d, pp.data, ds, ae, text, resume=r, **kw)),
+        ("denoiser", pp.denoiser, ldm, fit_denoiser),
+        ("guide", pp.guide, ldm, fit_denoiser),
         ("classifier", pp.classifier if "class" in ds.labels else None, classifier,
          lambda c, d, r: classifier.train(c, d, pp.data, ds, ae, resume=r, **kw)),
         ("fast-decoder", pp.fast_decoder, fast_decoder,
